@@ -1,0 +1,1 @@
+"""Jinja templates (data). Installed as vlm.templates so wheels find them."""

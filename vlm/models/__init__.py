@@ -1,0 +1,129 @@
+"""One factory, `load_model(name_or_path)`, hiding every checkpoint layout.
+
+`name_or_path` may be a registry name (`vlm-xray models list`), `hf-hub:org/repo`, an open_clip
+architecture with a tag (`ViT-B-32:openai`), an open_clip folder, a Hugging Face CLIPModel folder,
+an OpenAI/CheXzero `.pt` state dict, or a `.safetensors` file. Missing weights raise
+`ModelLoadError` naming the model, where it looked and how to provide it; nothing is ever
+replaced by random weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .base import Backbone, ModelLoadError, file_fingerprint, state_dict_fingerprint
+from .layouts import (
+    build_open_clip,
+    load_hf_clip_dir,
+    load_open_clip_dir,
+    load_open_clip_pretrained,
+    load_openai_file,
+    load_safetensors_file,
+)
+
+DEFAULT_MODEL = "vlm-xray-starter"
+
+__all__ = ["Backbone", "ModelLoadError", "DEFAULT_MODEL", "load_model", "list_models", "model_registry",
+           "build_open_clip", "file_fingerprint", "state_dict_fingerprint", "bundled_dir"]
+
+
+def bundled_dir() -> Path:
+    return Path(str(resources.files("vlm.models"))) / "bundled"
+
+
+def model_registry() -> dict[str, dict]:
+    reg = yaml.safe_load((Path(str(resources.files("vlm.models"))) / "registry.yaml").read_text())
+    return reg
+
+
+def _local_folder_loader(path: Path):
+    if (path / "open_clip_config.json").is_file():
+        return load_open_clip_dir
+    cfg = path / "config.json"
+    if cfg.is_file():
+        model_type = json.loads(cfg.read_text()).get("model_type")
+        if model_type == "clip":
+            return load_hf_clip_dir
+        raise ModelLoadError(f"{path}: config.json says model_type={model_type!r}; only CLIP folders "
+                             f"(model_type 'clip') or open_clip folders (open_clip_config.json) are supported")
+    return None
+
+
+def _load_path(path: Path, name: str) -> Backbone:
+    if path.is_dir():
+        loader = _local_folder_loader(path)
+        if loader is None:
+            raise ModelLoadError(
+                f"model folder {path} has neither open_clip_config.json (open_clip layout) nor config.json "
+                f"(Hugging Face CLIPModel layout)")
+        return loader(path, name)
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path, name)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return load_openai_file(path, name)
+    raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a folder, .pt/.pth/.bin or .safetensors")
+
+
+def _registry_status(entry: dict) -> str:
+    kind = entry["kind"]
+    if kind == "bundled":
+        return "bundled" if (bundled_dir().parent / entry["path"] / "open_clip_config.json").is_file() else "missing"
+    if kind == "file":
+        return "local" if _file_candidates(entry, existing_only=True) else "not found"
+    return "download"
+
+
+def _file_candidates(entry: dict, existing_only: bool = False) -> list[Path]:
+    cands = []
+    if entry.get("env") and os.environ.get(entry["env"]):
+        cands.append(Path(os.environ[entry["env"]]).expanduser())
+    cands += [Path(p).expanduser() for p in entry.get("paths", [])]
+    return [c for c in cands if c.is_file()] if existing_only else cands
+
+
+def list_models() -> list[dict]:
+    """Registry entries with their availability (bundled / local / download / missing)."""
+    return [{"name": k, "kind": v["kind"], "status": _registry_status(v), "description": v.get("description", "")}
+            for k, v in model_registry().items()]
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu") -> Backbone:
+    spec = name_or_path or DEFAULT_MODEL
+    reg = model_registry()
+    if spec in reg:
+        entry = reg[spec]
+        kind = entry["kind"]
+        if kind == "bundled":
+            path = bundled_dir().parent / entry["path"]
+            if not (path / "open_clip_config.json").is_file():
+                raise ModelLoadError(
+                    f"bundled model {spec!r} is not in this installation (looked in {path}). "
+                    f"Reinstall vlm-xray, or train it with `vlm-xray pretrain` and pass --model PATH.")
+            backbone = load_open_clip_dir(path, spec)
+        elif kind == "open_clip":
+            backbone = load_open_clip_pretrained(entry["id"], entry.get("pretrained"), spec)
+        elif kind == "file":
+            found = _file_candidates(entry, existing_only=True)
+            if not found:
+                looked = ", ".join(str(c) for c in _file_candidates(entry)) or "(nowhere)"
+                raise ModelLoadError(f"model {spec!r}: checkpoint not found (looked in: {looked}). {entry.get('how', '')}")
+            backbone = load_openai_file(found[0], spec)
+        else:
+            raise ModelLoadError(f"registry entry {spec!r} has unknown kind {kind!r}")
+    elif spec.startswith("hf-hub:"):
+        backbone = load_open_clip_pretrained(spec, None, spec)
+    elif Path(spec).expanduser().exists():
+        backbone = _load_path(Path(spec).expanduser(), Path(spec).name)
+    elif ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
+        arch, tag = spec.split(":", 1)
+        backbone = load_open_clip_pretrained(arch, tag, spec)
+    else:
+        raise ModelLoadError(
+            f"model {spec!r} not found: it is not a registry name ({', '.join(reg)}), not an hf-hub: id, "
+            f"and no file or folder exists at {Path(spec).expanduser().resolve()}. "
+            f"See `vlm-xray models list`.")
+    return backbone.to(device)

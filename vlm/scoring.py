@@ -1,0 +1,393 @@
+"""The batched scoring engine every command shares.
+
+paths -> (DataLoader workers) load + variants + model transform -> image encoder (batched,
+autocast on GPU) -> embeddings (V, D) per image -> logits against ensembled prompt
+embeddings per style -> probabilities per (variant, style, label) -> Findings (mean, spread).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import Image, ImageLoadError, load_image
+from .labels import LabelSet
+from .models import Backbone
+from .results import Finding, ImageFailure, ImageResult
+from .text_cache import TextEmbeddingCache, default_cache_dir
+from .variants import get_variant, resolve_variants
+
+
+# ----------------------------------------------------------------------------- images -> tensors
+
+def model_transform(pixels: np.ndarray, size: int, mean, std) -> torch.Tensor:
+    """Resize the short side to `size`, centre-crop, scale to [0,1], normalise: open_clip's
+    eval transform, done in OpenCV so it runs in DataLoader workers without PIL round-trips."""
+    h, w = pixels.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    img = cv2.resize(pixels, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    img = img[top : top + size, left : left + size]
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (t - m) / s
+
+
+def variant_tensors(image: Image, variants: list[str], size: int, mean, std) -> torch.Tensor:
+    return torch.stack([model_transform(get_variant(v)(image.pixels), size, mean, std) for v in variants])
+
+
+class _VariantDataset(Dataset):
+    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std):
+        self.paths, self.variants, self.size, self.mean, self.std = paths, variants, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            image = load_image(path)
+            x = variant_tensors(image, self.variants, self.size, self.mean, self.std)
+            meta = {"path": path, "id": image.id, "view": image.view, "size": image.size}
+            return meta, x, None
+        except ImageLoadError as e:
+            return {"path": path}, None, e.reason
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch; reason is reported
+            return {"path": path}, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageEmbeddingCache:
+    """Image embeddings keyed by (model fingerprint, file content, variant) on disk, so that
+    re-scoring the same images with other prompts costs only text work."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory else default_cache_dir() / "images"
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, fingerprint: str, digest: str) -> Path:
+        return self.directory / fingerprint / f"{digest}.npz"
+
+    def get(self, fingerprint: str, digest: str, variants: list[str]) -> np.ndarray | None:
+        f = self._file(fingerprint, digest)
+        if not f.is_file():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                if all(v in z.files for v in variants):
+                    self.hits += 1
+                    return np.stack([z[v] for v in variants])
+        except (OSError, ValueError):
+            return None  # unreadable entry: recomputed and overwritten below
+        return None
+
+    def put(self, fingerprint: str, digest: str, variants: list[str], emb: np.ndarray) -> None:
+        f = self._file(fingerprint, digest)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        existing = {}
+        if f.is_file():
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    existing = {k: z[k] for k in z.files}
+            except (OSError, ValueError):
+                existing = {}
+        existing.update({v: e.astype(np.float32) for v, e in zip(variants, emb)})
+        fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".tmp.npz")
+        os.close(fd)
+        np.savez(tmp, **existing)
+        os.replace(tmp, f)
+        self.misses += 1
+
+
+@dataclass
+class EncodedImage:
+    path: str
+    id: str
+    embeddings: torch.Tensor  # (V, D), L2-normalised
+    view: str | None = None
+    size: tuple[int, int] | None = None
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def default_workers(n_items: int) -> int:
+    if n_items < 4:
+        return 0  # starting a worker costs more than decoding a couple of images
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@torch.no_grad()
+def encode_images(
+    backbone: Backbone,
+    paths: Iterable[str | Path],
+    variants: list[str],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    cache: ImageEmbeddingCache | None = None,
+    progress: bool = False,
+) -> Iterator[EncodedImage | ImageFailure]:
+    """Yield one `EncodedImage` (or `ImageFailure`) per path, in input order.
+
+    Decoding and variants run in DataLoader workers while the model encodes; `batch_size`
+    counts images, each contributing len(variants) tensors to the encoder batch.
+    """
+    paths = [str(p) for p in paths]
+    device = backbone.device
+    backbone.module.eval()
+    todo, cached = [], {}
+    if cache is not None:
+        for p in paths:
+            try:
+                digest = file_digest(p)
+            except OSError:
+                todo.append(p)
+                continue
+            hit = cache.get(backbone.fingerprint, digest, variants)
+            if hit is None:
+                todo.append(p)
+            else:
+                cached[p] = (digest, hit)
+    else:
+        todo = paths
+    computed: dict[str, EncodedImage | ImageFailure] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc="images", unit="img", initial=len(paths) - len(todo))
+    if todo:
+        workers = default_workers(len(todo)) if num_workers is None else num_workers
+        loader = DataLoader(
+            _VariantDataset(todo, variants, backbone.image_size, backbone.mean, backbone.std),
+            batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
+            persistent_workers=False, prefetch_factor=2 if workers else None,
+        )
+        n_variants = len(variants)
+        for items in loader:
+            good = [(meta, x) for meta, x, err in items if err is None]
+            for meta, _, err in items:
+                if err is not None:
+                    computed[meta["path"]] = ImageFailure(meta["path"], err)
+            if good:
+                x = torch.cat([x for _, x in good]).to(device, non_blocking=True)
+                with _autocast(device):
+                    emb = backbone.encode_images(x).float().cpu()
+                emb = emb.view(len(good), n_variants, -1)
+                for (meta, _), e in zip(good, emb):
+                    computed[meta["path"]] = EncodedImage(meta["path"], meta["id"], e, meta["view"], meta["size"])
+                    if cache is not None:
+                        try:
+                            cache.put(backbone.fingerprint, file_digest(meta["path"]), variants, e.numpy())
+                        except OSError as err:
+                            import warnings
+
+                            warnings.warn(f"could not write image-embedding cache: {err}")
+            if bar is not None:
+                bar.update(len(items))
+    if bar is not None:
+        bar.close()
+    for p in paths:
+        if p in computed:
+            yield computed[p]
+        else:
+            digest, emb = cached[p]
+            from .images import safe_id
+
+            yield EncodedImage(p, safe_id(p), torch.from_numpy(emb))
+
+
+# ----------------------------------------------------------------------------- prompts -> classifier
+
+@dataclass
+class TextClassifier:
+    """Ensembled prompt embeddings per style.
+
+    multilabel: weights[style] is (L, 2, D) = (positive, negative) per label.
+    multiclass: weights[style] is (L, D) = positive prompts per class.
+    """
+
+    label_set: LabelSet
+    styles: list[str]
+    weights: dict[str, torch.Tensor]
+    logit_scale: float
+
+    def logits(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """emb (..., D) -> per style: (..., L, 2) for multilabel or (..., L) for multiclass."""
+        out = {}
+        for s in self.styles:
+            w = self.weights[s].to(emb.device, emb.dtype)
+            if self.label_set.multilabel:
+                out[s] = self.logit_scale * torch.einsum("...d,lkd->...lk", emb, w)
+            else:
+                out[s] = self.logit_scale * emb @ w.T
+        return out
+
+    def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (..., D) -> probabilities (..., S, L): P(label) per style."""
+        per_style = []
+        for s, lg in self.logits(emb).items():
+            p = lg.softmax(-1)
+            per_style.append(p[..., 0] if self.label_set.multilabel else p)
+        return torch.stack(per_style, dim=-2)
+
+
+def _ensemble(emb: torch.Tensor) -> torch.Tensor:
+    """Mean of normalised prompt embeddings, re-normalised (CLIP's prompt ensembling)."""
+    return torch.nn.functional.normalize(emb.mean(0), dim=-1)
+
+
+def text_classifier(
+    backbone: Backbone,
+    label_set: LabelSet,
+    styles: list[str] | None = None,
+    cache: TextEmbeddingCache | None = None,
+) -> TextClassifier:
+    styles = label_set.styles(styles)
+    cache = cache or TextEmbeddingCache()
+    texts = []
+    for lab in label_set.labels:
+        for s in styles:
+            texts += list(lab.prompts[s].positive) + list(lab.prompts[s].negative)
+    table = dict(zip(texts, cache.embed(backbone, texts)))
+    weights = {}
+    for s in styles:
+        rows = []
+        for lab in label_set.labels:
+            pos = _ensemble(torch.stack([table[t] for t in lab.prompts[s].positive]))
+            if label_set.multilabel:
+                neg = _ensemble(torch.stack([table[t] for t in lab.prompts[s].negative]))
+                rows.append(torch.stack([pos, neg]))
+            else:
+                rows.append(pos)
+        weights[s] = torch.stack(rows)
+    return TextClassifier(label_set, styles, weights, backbone.logit_scale)
+
+
+# ----------------------------------------------------------------------------- embeddings -> findings
+
+def summarise(
+    probs: torch.Tensor,
+    label_set: LabelSet,
+    variants: list[str],
+    styles: list[str],
+    threshold: float | dict[str, float],
+) -> tuple[list[Finding], dict]:
+    """probs (V, S, L) -> Findings (mean and std over V x S) and the per-variant breakdown."""
+    v, s, n = probs.shape
+    flat = probs.reshape(v * s, n).double()
+    mean = flat.mean(0)
+    std = flat.std(0, unbiased=False) if v * s > 1 else torch.zeros(n, dtype=torch.float64)
+    findings = []
+    for i, lab in enumerate(label_set.labels):
+        thr = threshold[lab.name] if isinstance(threshold, dict) else threshold
+        p = float(mean[i])
+        findings.append(Finding(label=lab.name, probability=p, uncertainty=float(std[i]), positive=p >= thr,
+                                threshold=float(thr), display=lab.display, category=lab.category,
+                                severity=lab.severity))
+    per_variant = {
+        var: {st: {lab.name: round(float(probs[vi, si, li]), 6) for li, lab in enumerate(label_set.labels)}
+              for si, st in enumerate(styles)}
+        for vi, var in enumerate(variants)
+    }
+    return findings, per_variant
+
+
+class Scorer:
+    """Score images against a label set: the `score` step that analyze, batch, eval,
+    prompt experiments and adapters all consume."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        label_set: LabelSet,
+        prompt_styles: list[str] | None = None,
+        variants: list[str] | str | None = None,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        text_cache: TextEmbeddingCache | None = None,
+        image_cache: ImageEmbeddingCache | None = None,
+        head=None,
+    ):
+        self.backbone = backbone
+        self.label_set = label_set
+        self.styles = label_set.styles(prompt_styles)
+        self.variants = resolve_variants(variants)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.text_cache = text_cache or TextEmbeddingCache()
+        self.image_cache = image_cache
+        self.classifier = text_classifier(backbone, label_set, self.styles, self.text_cache)
+        # An adapter head (few-shot) may replace the prompt classifier; it maps (..., D) to (..., S, L).
+        self.head = head
+        self.adapter_name: str | None = None
+        self.calibration = None
+
+    def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (V, D) -> (V, S, L)."""
+        if self.head is not None:
+            return self.head(emb)
+        if self.calibration is not None:
+            return self.calibration.probabilities(self.classifier, emb)
+        return self.classifier.probabilities(emb)
+
+    def encode(self, paths: Iterable[str | Path], progress: bool = False):
+        return encode_images(self.backbone, paths, self.variants, self.batch_size, self.num_workers,
+                             self.image_cache, progress)
+
+    def result(self, enc: EncodedImage, threshold: float | dict[str, float]) -> ImageResult:
+        probs = self.probabilities(enc.embeddings.to(self.backbone.device)).cpu()
+        if isinstance(threshold, (int, float)) and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        findings, per_variant = summarise(probs, self.label_set, self.variants, self.styles, threshold)
+        return ImageResult(
+            image=enc.path, image_id=enc.id, model=self.backbone.name, label_set=self.label_set.name,
+            threshold=float(threshold) if isinstance(threshold, (int, float)) else None,
+            variants=self.variants, prompt_styles=self.styles, findings=findings, per_variant=per_variant,
+            view=enc.view, size=enc.size, adapter=self.adapter_name,
+            calibration=getattr(self.calibration, "source", None),
+        )
+
+    def score(self, paths: Iterable[str | Path], threshold: float = 0.5,
+              progress: bool = False) -> Iterator[ImageResult | ImageFailure]:
+        thr = self.calibration.thresholds if (self.calibration is not None and threshold is None) else threshold
+        for enc in self.encode(paths, progress=progress):
+            yield enc if isinstance(enc, ImageFailure) else self.result(enc, thr)
+
+
+def score_image(path: str | Path, backbone: Backbone, label_set: LabelSet, threshold: float = 0.5,
+                **kwargs) -> ImageResult:
+    """Convenience: score one image; raises ImageLoadError if it cannot be read."""
+    out = next(Scorer(backbone, label_set, **kwargs).score([path], threshold))
+    if isinstance(out, ImageFailure):
+        raise ImageLoadError(out.image, out.reason)
+    return out
