@@ -52,6 +52,11 @@ def model_options(fn):
                       help="cpu, cuda, cuda:1 ... auto picks cuda when available (bf16/fp16 autocast on GPU).")(fn)
     fn = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
                       help="Images per encoder batch (each image contributes one tensor per variant).")(fn)
+    fn = click.option("--adapter", default=None, metavar="DIR", type=click.Path(),
+                      help="Few-shot adapter folder from `vlm-xray finetune` (must match --model).")(fn)
+    fn = click.option("--calibration", default=None, metavar="JSON", type=click.Path(),
+                      help="Calibration file from `vlm-xray calibrate`: calibrated probabilities and "
+                           "per-label thresholds (used unless --threshold is given).")(fn)
     return fn
 
 
@@ -65,13 +70,28 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_scorer(model, label_set, prompt_styles, variants, device, batch_size):
+def build_scorer(model, label_set, prompt_styles, variants, device, batch_size, adapter=None, calibration=None,
+                 image_cache=None):
+    """The one place a command turns its options into a `Scorer` (model + adapter + calibration)."""
     from .models import load_model
     from .scoring import Scorer
 
     ls = load_label_set(label_set)
     backbone = load_model(model, device=resolve_device(device))
-    return Scorer(backbone, ls, list(prompt_styles) or None, variants, batch_size=batch_size)
+    head = adapter_name = None
+    if adapter:
+        from .adapt import load_adapter
+
+        backbone, head, ls = load_adapter(adapter, backbone, ls)
+        adapter_name = str(adapter)
+    scorer = Scorer(backbone, ls, list(prompt_styles) or None, variants, batch_size=batch_size, head=head,
+                    image_cache=image_cache)
+    scorer.adapter_name = adapter_name
+    if calibration:
+        from .calibrate import load_calibration
+
+        scorer.calibration = load_calibration(calibration, ls)
+    return scorer
 
 
 def format_table(result) -> str:
@@ -105,7 +125,8 @@ def main():
 @click.option("--json", "json_out", default=None, metavar="PATH|-",
               help="Write results as JSON (one object per image, a list for several); '-' for stdout.")
 @friendly_errors
-def analyze(images, model, label_set, prompt_styles, variants, device, batch_size, threshold, json_out):
+def analyze(images, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, threshold,
+            json_out):
     """Score IMAGES (files, folders or globs; PNG, JPEG, 8/16-bit, RGB(A), DICOM).
 
     Prints, per image, each finding's probability (mean over preprocessing variants x prompt
@@ -118,7 +139,7 @@ def analyze(images, model, label_set, prompt_styles, variants, device, batch_siz
     paths = find_images(list(images))
     if not paths:
         raise UserError(f"no images found in: {' '.join(images)}")
-    scorer = build_scorer(model, label_set, prompt_styles, variants, device, batch_size)
+    scorer = build_scorer(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration)
     results, failures = [], []
     for out in scorer.score(paths, threshold, progress=len(paths) > 8):
         if isinstance(out, ImageFailure):
