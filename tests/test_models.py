@@ -111,3 +111,31 @@ def test_cli_missing_model_is_one_line_exit_2(monkeypatch, image_dir):
 def test_registry_lists_required_models():
     names = {m["name"] for m in list_models()}
     assert {"biomedclip", "openai-vit-b-32", "openai-vit-b-16", "chexzero", "vlm-xray-starter"} <= names
+
+
+def test_torchscript_archive_and_pickles(tmp_path, tiny_model):
+    """OpenAI's original .pt files are TorchScript archives; arbitrary pickles are refused."""
+    class Holder(torch.nn.Module):
+        def __init__(self, sd):
+            super().__init__()
+            for k, v in sd.items():
+                self.register_buffer(k.replace(".", "__"), v)
+
+    # A TorchScript archive whose state dict is the OpenAI layout is read via torch.jit.load.
+    sd = tiny_model.state_dict()
+    scripted = torch.jit.script(Holder(sd))
+    p = tmp_path / "scripted.pt"
+    scripted.save(str(p))
+    from vlm.models.layouts import _is_torchscript, _load_state_dict
+
+    assert _is_torchscript(p)
+    assert set(_load_state_dict(p)) == {k.replace(".", "__") for k in sd}
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(ModelLoadError, match="weights-only"):
+        load_model(str(bad))

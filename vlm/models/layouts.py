@@ -34,6 +34,15 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load weights without unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
@@ -42,13 +51,12 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except RuntimeError as e:
+    except Exception:
         # OpenAI's original release is a TorchScript archive; torch.jit.load reads tensors and
-        # TorchScript code, never arbitrary pickled Python objects.
-        if "TorchScript" in str(e) or "torch.jit" in str(e) or "constants.pkl" in str(e):
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
+        # TorchScript code, never arbitrary pickled Python objects. Anything else is re-raised.
+        if not _is_torchscript(path):
             raise
+        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
