@@ -1,0 +1,184 @@
+"""`vlm-xray batch` / vlm.batch.run_batch: outputs, bad files, resume, hostile names, CSV input lists."""
+import csv
+import json
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from vlm.batch import collect_inputs, output_names, run_batch
+from vlm.cli import main
+from vlm.labels import load_label_set
+from vlm.models import load_model
+from vlm.results import ImageResult
+from vlm.scoring import Scorer
+
+HOSTILE = "<script>alert(1)<script>"  # '/' cannot be part of a file name
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@pytest.fixture(scope="module")
+def backbone(openclip_dir):
+    return load_model(str(openclip_dir))
+
+
+def make_scorer(backbone, counter=None):
+    s = Scorer(backbone, load_label_set("chestxray14"), variants="original,hflip", num_workers=0, batch_size=4)
+    if counter is not None:
+        orig = type(backbone).encode_images
+
+        def counting(pixels):
+            counter["images"] += pixels.shape[0] // len(s.variants)
+            return orig(s.backbone, pixels)
+
+        s.backbone = type(backbone)(**{**backbone.__dict__})  # a copy we can patch
+        s.backbone.encode_images = counting
+    return s
+
+
+@pytest.fixture
+def inputs(image_dir, corrupt_file):
+    hostile = image_dir / f"{HOSTILE}.png"
+    shutil.copy(image_dir / "grey8.png", hostile)
+    return image_dir, corrupt_file, hostile
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def check_outputs_parse(out):
+    for p in (out / "reports").glob("*.json"):
+        ImageResult.from_dict(json.loads(p.read_text()))
+    for p in (out / "reports").glob("*.html"):
+        assert p.read_text().rstrip().endswith("</html>")
+    json.loads((out / "findings.json").read_text())
+    read_csv(out / "findings.csv")
+    read_csv(out / "errors.csv")
+
+
+def test_batch_outputs_bad_file_and_hostile_names(backbone, inputs, tmp_path):
+    image_dir, corrupt, hostile = inputs
+    out = tmp_path / "out"
+    clinical = "<img src=x onerror=alert(3)> =cmd|' /C calc'!A0"
+    s = run_batch(make_scorer(backbone), [str(image_dir), str(corrupt)], out, threshold=0.4, clinical=clinical,
+                  progress=False, chunk_size=2)
+    assert s.total == 6 and s.scored == 5 and len(s.failed) == 1
+    errors = read_csv(out / "errors.csv")
+    assert [e["image"] for e in errors] == [str(corrupt)] and "not a recognised image" in errors[0]["error"]
+    reports = sorted((out / "reports").iterdir())
+    assert len(reports) == 10  # html + json per good image
+    for p in reports:
+        assert SAFE_NAME.match(p.name), p.name
+    assert (out / "assets" / "plotly.min.js").is_file() and (out / "index.html").is_file()
+    rows = read_csv(out / "findings.csv")
+    assert len(rows) == 5 * 14 and {r["label"] for r in rows} == set(load_label_set("chestxray14").names)
+    assert len(json.loads((out / "findings.json").read_text())) == 5 * 14
+    check_outputs_parse(out)
+
+    index = (out / "index.html").read_text()
+    assert index.count('href="reports/') == 10  # report + its json per image
+    assert "<script>alert" not in index and "&lt;script&gt;alert(1)&lt;script&gt;" in index
+    assert "<img src=x" not in index and "broken.png" in index
+    assert "cdn" not in index.lower().split("<script src=")[0] and '<script src="assets/plotly.min.js">' in index
+    name = output_names([hostile])[str(hostile)]
+    page = (out / "reports" / f"{name}.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page and "&lt;script&gt;alert(1)" in page
+    assert f'href="{name}.json"' in page and '<script src="../assets/plotly.min.js">' in page
+    raw = (out / "reports" / f"{name}.json").read_text()
+    assert "<" not in raw and json.loads(raw)["image"] == str(hostile) and json.loads(raw)["clinical"] == clinical
+    assert "<" not in (out / "findings.json").read_text()
+    # the CSV keeps the real path (quoted) and neutralises spreadsheet formulas
+    assert any(r["image"] == str(hostile) for r in rows)
+
+
+def test_resume_recomputes_nothing_and_threshold_change_recomputes(backbone, inputs, tmp_path):
+    image_dir, corrupt, _ = inputs
+    out = tmp_path / "out"
+    counter = {"images": 0}
+    run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], out, 0.4, progress=False)
+    assert counter["images"] == 5
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "reports").iterdir()}
+    counter["images"] = 0
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], out, 0.4, progress=False)
+    assert counter["images"] == 0 and s.scored == 0 and s.resumed == 5 and len(s.failed) == 1
+    assert {p: p.stat().st_mtime_ns for p in (out / "reports").iterdir()} == mtimes
+    assert len(read_csv(out / "findings.csv")) == 5 * 14
+    # a different threshold is a different result: everything is scored again
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir)], out, 0.6, progress=False)
+    assert counter["images"] == 5 and s.resumed == 0
+    assert all(json.loads(p.read_text())["threshold"] == 0.6 for p in (out / "reports").glob("*.json"))
+
+
+def test_interrupted_batch_resumes(backbone, inputs, tmp_path):
+    image_dir, _, _ = inputs
+    out = tmp_path / "out"
+    counter = {"images": 0}
+    scorer = make_scorer(backbone, counter)
+    real = scorer.score
+    calls = {"n": 0}
+
+    def dying_score(paths, threshold=0.5, progress=False):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed while scoring the second chunk
+        yield from real(paths, threshold, progress)
+
+    scorer.score = dying_score
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(scorer, [str(image_dir)], out, 0.4, progress=False, chunk_size=2)
+    assert len(list((out / "reports").glob("*.json"))) == 2 and not (out / "index.html").exists()
+    check_outputs_parse(out) if (out / "findings.json").exists() else None
+    counter["images"] = 0
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir)], out, 0.4, progress=False, chunk_size=2)
+    assert counter["images"] == 3 and s.resumed == 2 and s.scored == 3
+    check_outputs_parse(out)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_csv_input_list_and_name_collisions(backbone, image_dir, tmp_path):
+    sub = tmp_path / "other"
+    sub.mkdir()
+    shutil.copy(image_dir / "grey8.png", sub / "grey8.png")  # same stem, different folder
+    lst = tmp_path / "list.csv"
+    lst.write_text("filename,labels,view\nimgs/grey8.png,Effusion,PA\nother/grey8.png,,\nimgs/rgb.jpg,No Finding,AP\n")
+    paths = collect_inputs([str(lst)])
+    assert [p.name for p in paths] == ["grey8.png", "grey8.png", "rgb.jpg"]
+    names = output_names(paths)
+    assert len(set(names.values())) == 3
+    s = run_batch(make_scorer(backbone), [str(lst)], tmp_path / "out", 0.5, progress=False)
+    assert s.scored == 3 and not s.failed
+    assert [r.view for r in s.results] == ["PA", None, "AP"]  # the list's view column
+    page = (tmp_path / "out" / "reports" / f"{names[str(paths[0])]}.html").read_text()
+    assert "View: PA" in page
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,labels\nx.png,\n")
+    with pytest.raises(ValueError, match="filename"):
+        collect_inputs([str(bad)])
+
+
+def test_output_names_are_safe_and_unique(tmp_path):
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "../../etc/passwd.png",
+             tmp_path / f"{HOSTILE}.png", tmp_path / "..png", tmp_path / "X.PNG"]
+    names = output_names(paths)
+    assert len({n.lower() for n in names.values()}) == len(paths)
+    for n in names.values():
+        assert SAFE_NAME.match(n) and not n.startswith(".") and "/" not in n
+
+
+def test_cli_batch(openclip_dir, inputs, tmp_path):
+    image_dir, corrupt, _ = inputs
+    out = tmp_path / "cli"
+    args = ["batch", str(image_dir / "*.png"), str(corrupt), "--model", str(openclip_dir), "--out", str(out),
+            "--threshold", "0.4", "--variants", "original", "--clinical", "hostile <b>text</b>"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output  # one input failed, the rest done
+    assert "4 scored" in r.output and "broken.png" in r.output
+    assert len(list((out / "reports").glob("*.html"))) == 4
+    r = CliRunner().invoke(main, args)
+    assert "0 scored, 4 already done" in r.output
+    r = CliRunner().invoke(main, ["batch", str(tmp_path / "nothing*.png"), "--model", str(openclip_dir),
+                                  "--out", str(out)])
+    assert r.exit_code == 2 and "no images found" in r.output
