@@ -349,6 +349,10 @@ class Scorer:
         self.classifier = text_classifier(backbone, label_set, self.styles, self.text_cache)
         # An adapter head (few-shot) may replace the prompt classifier; it maps (..., D) to (..., S, L).
         self.head = head
+        if head is not None and getattr(head, "styles", None):
+            # the head's S axis names its own "styles" (e.g. the prompt styles it was built from,
+            # or ["linear-probe"]), so per_variant and prompt_styles in results stay consistent
+            self.styles = list(head.styles)
         self.adapter_name: str | None = None
         self.calibration = None
 

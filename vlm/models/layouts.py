@@ -13,6 +13,7 @@ Layouts:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,14 +50,12 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
+    if _is_torchscript(path):
         # OpenAI's original release is a TorchScript archive; torch.jit.load reads tensors and
-        # TorchScript code, never arbitrary pickled Python objects. Anything else is re-raised.
-        if not _is_torchscript(path):
-            raise
+        # TorchScript code, never arbitrary pickled Python objects.
         obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -95,7 +94,24 @@ def build_open_clip(model_cfg: dict, pretrained_text: bool = False) -> nn.Module
         cfg["vision_cfg"]["timm_model_pretrained"] = False  # image weights come from our checkpoint
     for k in ("multimodal_cfg",):
         cfg.pop(k, None)
-    return (CustomTextCLIP if custom else CLIP)(**cfg)
+    with _quiet_transformers():
+        return (CustomTextCLIP if custom else CLIP)(**cfg)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers prints a progress bar and a 'LOAD REPORT' (BERT's unused pooler) on every
+    load; in a CLI that is noise. Real errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def _image_size(vision_cfg: dict, preprocess_cfg: dict) -> int:

@@ -1,0 +1,154 @@
+"""Classifier heads an adapter puts on top of the (possibly LoRA-adapted) image embeddings.
+
+Every head maps L2-normalised image embeddings (..., D) to probabilities (..., S, L), the shape
+`Scorer.probabilities` returns, and names its S "styles" in `.styles` (the Scorer reports them
+as prompt styles). Heads are plain `nn.Module`s whose tensors are saved to `head.safetensors`;
+`head_config()` plus those tensors rebuild them (`build_head`).
+
+- `PromptHead`: the label set's ensembled prompt embeddings per style (CLIP-LoRA style), so an
+  untrained head reproduces zero-shot scoring exactly; its weights may be fine-tuned.
+- `LinearProbeHead`: a linear classifier on frozen features, initialised at zero-shot.
+- `TipAdapterHead`: zero-shot logits per style + alpha * cache logits (Tip-Adapter, Zhang et al.
+  2022): affinity exp(-beta (1 - cos)) to the few-shot keys, times their one-hot labels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _prompt_probs(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Per-style logits (..., S, L, 2) or (..., S, L) -> probabilities (..., S, L)."""
+    p = logits.softmax(-1)
+    return p[..., 0] if multilabel else p
+
+
+class PromptHead(nn.Module):
+    """weights (S, L, 2, D) multilabel (positive, negative) or (S, L, D) multiclass."""
+
+    kind = "prompt"
+
+    def __init__(self, weights: torch.Tensor, logit_scale: float, multilabel: bool, styles: list[str]):
+        super().__init__()
+        self.weight = nn.Parameter(weights.detach().clone().float())
+        self.scale = float(logit_scale)  # a Python float, as in TextClassifier (same rounding)
+        self.multilabel = bool(multilabel)
+        self.styles = list(styles)
+
+    @classmethod
+    def from_classifier(cls, classifier) -> "PromptHead":
+        w = torch.stack([classifier.weights[s] for s in classifier.styles])
+        return cls(w, classifier.logit_scale, classifier.label_set.multilabel, classifier.styles)
+
+    def logits(self, emb: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) -> (..., S, L, 2) multilabel or (..., S, L); `weight` overrides the stored one."""
+        w = (self.weight if weight is None else weight).to(emb.dtype)
+        # the same arithmetic as TextClassifier.logits, so an untrained head is zero-shot exactly
+        if self.multilabel:
+            per = [self.scale * torch.einsum("...d,lkd->...lk", emb, w[i]) for i in range(w.shape[0])]
+        else:
+            per = [self.scale * emb @ w[i].T for i in range(w.shape[0])]
+        return torch.stack(per, dim=-3 if self.multilabel else -2)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return _prompt_probs(self.logits(emb), self.multilabel)
+
+    def probabilities_from(self, emb: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return _prompt_probs(self.logits(emb, weight), self.multilabel)
+
+    def head_config(self) -> dict:
+        return {"type": self.kind, "multilabel": self.multilabel, "styles": self.styles,
+                "logit_scale": self.scale}
+
+
+class LinearProbeHead(nn.Module):
+    """Logistic regression on frozen features, per prompt style: logits_s = e (W0_s + dW)^T + b.
+
+    W0_s is the zero-shot classifier of style s (prompt embeddings x logit scale; multi-label:
+    the positive-minus-negative direction, so sigmoid = the 2-way prompt softmax), dW and b are
+    learned and shared by the styles. dW = 0, b = 0 reproduces zero-shot scoring exactly.
+    Softmax (multi-class) or per-label sigmoid (multi-label)."""
+
+    kind = "linear-probe"
+
+    def __init__(self, weight0: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor, multilabel: bool,
+                 styles: list[str]):
+        super().__init__()
+        self.register_buffer("weight0", weight0.detach().clone().float())  # (S, L, D)
+        self.delta = nn.Parameter(delta.detach().clone().float())  # (L, D)
+        self.bias = nn.Parameter(bias.detach().clone().float())  # (L,)
+        self.multilabel = bool(multilabel)
+        self.styles = list(styles)
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., S, L)"""
+        w = self.weight0.to(emb.dtype)
+        d = self.delta.to(emb.dtype)
+        per = [emb @ w[i].T + (emb @ d.T if self.delta.any() else 0) + self.bias.to(emb.dtype)
+               for i in range(w.shape[0])]
+        return torch.stack(per, dim=-2)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        lg = self.logits(emb)
+        return lg.sigmoid() if self.multilabel else lg.softmax(-1)
+
+    def head_config(self) -> dict:
+        return {"type": self.kind, "multilabel": self.multilabel, "styles": self.styles}
+
+
+class TipAdapterHead(nn.Module):
+    """Zero-shot prompt logits per style blended with a few-shot cache (training-free).
+
+    multiclass: logits_s = scale * e W_s^T + alpha * A Y, A = exp(-beta (1 - e K^T)).
+    multilabel: each label's two-way (positive, negative) logits get + alpha * A (Y, 1 - Y).
+    With alpha = 0 this is zero-shot exactly.
+    """
+
+    kind = "tip-adapter"
+
+    def __init__(self, weights: torch.Tensor, logit_scale: float, multilabel: bool, styles: list[str],
+                 keys: torch.Tensor, values: torch.Tensor, alpha: float, beta: float):
+        super().__init__()
+        self.prompt = PromptHead(weights, logit_scale, multilabel, styles)
+        self.register_buffer("keys", keys.detach().clone().float())
+        self.register_buffer("values", values.detach().clone().float())
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.multilabel = bool(multilabel)
+        self.styles = list(styles)
+
+    def cache_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        aff = torch.exp(-self.beta * (1.0 - emb @ self.keys.to(emb.dtype).T))
+        y = self.values.to(emb.dtype)
+        if self.multilabel:
+            return torch.stack([aff @ y, aff @ (1 - y)], dim=-1)  # (..., L, 2)
+        return aff @ y  # (..., L)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        zs = self.prompt.logits(emb)  # (..., S, L[, 2])
+        if self.alpha == 0.0:
+            return _prompt_probs(zs, self.multilabel)
+        cache = self.cache_logits(emb).unsqueeze(-3 if self.multilabel else -2)
+        return _prompt_probs(zs + self.alpha * cache, self.multilabel)
+
+    def head_config(self) -> dict:
+        return {"type": self.kind, "multilabel": self.multilabel, "styles": self.styles,
+                "logit_scale": self.prompt.scale, "alpha": self.alpha, "beta": self.beta}
+
+
+def build_head(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a head from its `head_config()` and saved state dict."""
+    kind = config.get("type")
+    ml = bool(config["multilabel"])
+    if kind == "prompt":
+        head = PromptHead(tensors["weight"], config["logit_scale"], ml, config["styles"])
+    elif kind == "linear-probe":
+        head = LinearProbeHead(tensors["weight0"], tensors["delta"], tensors["bias"], ml, config["styles"])
+    elif kind == "tip-adapter":
+        head = TipAdapterHead(tensors["prompt.weight"], config["logit_scale"], ml, config["styles"],
+                              tensors["keys"], tensors["values"], config["alpha"], config["beta"])
+    else:
+        raise ValueError(f"unknown adapter head type {kind!r} (known: prompt, linear-probe, tip-adapter)")
+    head.load_state_dict(tensors, strict=True)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head.eval()

@@ -1,0 +1,600 @@
+"""LoRA few-shot fine-tuning of a CLIP-style backbone's attention projections (PEFT).
+
+Targets are DETECTED, not hard-coded: inside the image tower (and the text tower with
+`lora_text`), every `nn.MultiheadAttention` (fused in_proj; PEFT's LoRA for it also adapts
+out_proj), every `nn.Linear` named like a fused q/k/v projection (`qkv`, `in_proj`, `c_attn`,
+...) and every separate query/value `nn.Linear` (`q_proj`/`v_proj`, BERT's `query`/`value`) is a
+candidate. Each candidate is then VERIFIED on a copy of the model: a nonzero LoRA update of that
+module alone must change the tower's output. Modules whose weights are read directly instead of
+called (e.g. open_clip's ModifiedResNet `AttentionPool2d`, which passes `q_proj.weight` to
+`F.multi_head_attention_forward`) fail that check and are skipped, and said so.
+
+The classifier is the label set's prompt embeddings (`PromptHead`, CLIP-LoRA style) with the
+model's logit scale, so zero training steps reproduce zero-shot scoring exactly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import LabelledData
+from ..images import ImageLoadError, load_image
+from ..labels import LabelSet
+from ..models import Backbone
+from ..scoring import _ensemble, model_transform, text_classifier
+from ..variants import get_variant
+from .heads import PromptHead
+from .metrics import auc_metrics
+
+IMAGE_TOWERS = ("visual", "model.vision_model", "vision_model")
+TEXT_TOWERS = ("text", "model.text_model", "text_model", "transformer")  # transformer: open_clip CLIP's text
+FUSED_QKV = {"qkv", "in_proj", "c_attn", "wqkv", "qkv_proj", "to_qkv", "query_key_value"}
+SEPARATE_QV = {"q_proj", "v_proj", "query", "value", "to_q", "to_v", "q", "v"}
+ATTENTION_HINTS = ("attn", "attention", "xca", "mixer")
+
+
+MIN_GAIN = 0.005  # a trained epoch replaces zero-shot only if it beats it by this val macro AUC
+
+
+class LoraTargetError(ValueError):
+    """No attention projection in the tower can carry a working LoRA adapter."""
+
+
+# ----------------------------------------------------------------------------- target detection
+
+def tower_prefix(module: nn.Module, tower: str) -> str | None:
+    names = dict(module.named_modules())
+    for p in (IMAGE_TOWERS if tower == "image" else TEXT_TOWERS):
+        if p in names:
+            return p
+    return None
+
+
+def find_candidates(module: nn.Module, tower: str) -> list[tuple[str, str]]:
+    """(full module name, kind) of the attention projections in `tower` ("image" or "text")."""
+    prefix = tower_prefix(module, tower)
+    if prefix is None:
+        return []
+    root = module.get_submodule(prefix)
+    mha = [n for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    out = []
+    for n, m in root.named_modules():
+        full = f"{prefix}.{n}" if n else prefix
+        if isinstance(m, nn.MultiheadAttention):
+            if getattr(m, "_qkv_same_embed_dim", True):
+                out.append((full, "MultiheadAttention (fused in_proj + out_proj)"))
+            continue
+        if not isinstance(m, nn.Linear) or any(n.startswith(h + ".") for h in mha):
+            continue
+        last = n.rsplit(".", 1)[-1]
+        if last.lower() in FUSED_QKV:
+            out.append((full, "Linear (fused q/k/v)"))
+        elif last in SEPARATE_QV and (len(last) > 1 or any(h in n.lower() for h in ATTENTION_HINTS)):
+            if last in ("q_proj", "query", "to_q", "q"):
+                out.append((full, "Linear (query)"))
+            else:
+                out.append((full, "Linear (value)"))
+    return out
+
+
+def _probe_output(backbone: Backbone, module: nn.Module, tower: str) -> torch.Tensor:
+    dev = next(module.parameters()).device
+    if tower == "image":
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 3, backbone.image_size, backbone.image_size, generator=g).to(dev)
+        return module.encode_image(x).float()
+    tokens = backbone.tokenize(["chest radiograph with a finding", "normal study"])
+    tokens = {k: v.to(dev) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(dev)
+    return module.encode_text(tokens).float()
+
+
+def _lora_config(names: list[str], rank: int, alpha: float, dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(names),
+                      bias="none")
+
+
+@torch.no_grad()
+def verify_targets(backbone: Backbone, names: list[str], tower: str, rank: int = 4,
+                   effects: dict | None = None) -> tuple[list[str], dict[str, str]]:
+    """Split `names` into those where a nonzero LoRA update changes `tower`'s output and the rest.
+
+    A target whose LoRA layer is never called (its weights are read directly) leaves the output
+    bit-identical. `effects` (if given) receives each target's relative output change for a
+    random B ~ N(0, 0.5^2): tiny values mean the branch is damped, e.g. by a layer-scale gamma.
+    Works on a deep copy; the backbone is not modified."""
+    from peft import inject_adapter_in_model
+
+    if not names:
+        return [], {}
+    probe = copy.deepcopy(backbone.module).eval()
+    inject_adapter_in_model(_lora_config(names, rank, 2 * rank, 0.0), probe)
+    base = _probe_output(backbone, probe, tower)
+    ref = base.abs().max().item() or 1.0
+    good, bad = [], {}
+    g = torch.Generator().manual_seed(1)
+    for name in names:
+        sub = probe.get_submodule(name)
+        bs = [p for n, p in sub.named_parameters() if "lora_B" in n]
+        if not bs:
+            bad[name] = "PEFT did not attach a LoRA layer"
+            continue
+        for p in bs:
+            p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.5)
+        diff = (_probe_output(backbone, probe, tower) - base).abs().max().item()
+        for p in bs:
+            p.zero_()
+        if effects is not None:
+            effects[name] = diff / ref
+        if diff > 0:
+            good.append(name)
+        else:
+            bad[name] = "output unchanged by a nonzero LoRA update (weights read directly, not called)"
+    return good, bad
+
+
+def gating_scales(module: nn.Module, targets: list[str]) -> list[str]:
+    """Layer-scale parameters that multiply the attention branches holding `targets`.
+
+    EdgeNeXt's `gamma_xca`, timm ViT's `ls1.gamma`: initialised at ~1e-6 and often still tiny
+    after pre-training, they make a LoRA update of the attention projections almost invisible.
+    Found by name next to the attention module (the target's parent) inside its block."""
+    out = []
+    names = dict(module.named_parameters())
+    for t in targets:
+        parts = t.split(".")
+        if len(parts) < 3:
+            continue
+        block, attn = ".".join(parts[:-2]), parts[-2]
+        for cand in (f"{block}.gamma_{attn}", f"{block}.{attn}_gamma", f"{block}.ls1.gamma", f"{block}.ls_{attn}.gamma",
+                     f"{block}.layer_scale_1", f"{block}.gamma_1"):
+            if cand in names and names[cand].dim() == 1 and cand not in out:
+                out.append(cand)
+    return out
+
+
+_DETECTED: dict[tuple, dict] = {}
+
+
+def detect_targets(backbone: Backbone, towers: tuple[str, ...] = ("image",)) -> dict:
+    """Candidates per tower, verified. Raises LoraTargetError when a tower has none that work.
+
+    Memoised per (fingerprint, towers): the fingerprint names the weights, so repeated runs on one
+    model (a few-shot study) verify once."""
+    key = (backbone.fingerprint, tuple(towers), id(backbone.module)) if backbone.fingerprint else None
+    if key is not None and key in _DETECTED:
+        return copy.deepcopy(_DETECTED[key])
+    out = _detect_targets(backbone, towers)
+    if key is not None:
+        _DETECTED[key] = copy.deepcopy(out)
+    return out
+
+
+def _detect_targets(backbone: Backbone, towers: tuple[str, ...]) -> dict:
+    found: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    effects: dict[str, float] = {}
+    for tower in towers:
+        cands = find_candidates(backbone.module, tower)
+        kinds.update(dict(cands))
+        good, bad = verify_targets(backbone, [n for n, _ in cands], tower, effects=effects)
+        skipped.update(bad)
+        for n, why in bad.items():
+            warnings.warn(f"LoRA target {n} skipped: {why}")
+        if not good:
+            listing = "; ".join(f"{n}: {why}" for n, why in bad.items()) or "none found"
+            raise LoraTargetError(
+                f"{backbone.name}: no usable attention projection for LoRA in the {tower} tower "
+                f"(looked for nn.MultiheadAttention and nn.Linear named qkv/in_proj/q_proj/v_proj/query/value; "
+                f"{listing}). Use --method linear-probe or --method tip-adapter instead.")
+        found[tower] = good
+    return {"targets": found, "kinds": {n: kinds[n] for t in found.values() for n in t}, "skipped": skipped,
+            "effects": {n: effects[n] for t in found.values() for n in t}}
+
+
+# ----------------------------------------------------------------------------- training data
+
+def load_pixels(paths: list[str]) -> tuple[list[np.ndarray], list[int]]:
+    """'original'-variant RGB pixels of each readable path, and the indices that were readable."""
+    original = get_variant("original")
+    px, keep = [], []
+    for i, p in enumerate(paths):
+        try:
+            px.append(original(load_image(p).pixels))
+            keep.append(i)
+        except ImageLoadError as e:
+            warnings.warn(f"skipping unreadable training image {p}: {e.reason}")
+    return px, keep
+
+
+def augment(px: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Light augmentation: random crop (85-100% area), +-5 degree rotation, horizontal flip,
+    +-10% contrast and brightness."""
+    h, w = px.shape[:2]
+    area = rng.uniform(0.85, 1.0)
+    ratio = math.exp(rng.uniform(math.log(0.9), math.log(1.1)))
+    ch = min(h, int(round(math.sqrt(area / ratio) * h)))
+    cw = min(w, int(round(math.sqrt(area * ratio) * w)))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    img = px[top : top + ch, left : left + cw]
+    angle = rng.uniform(-5, 5)
+    m = cv2.getRotationMatrix2D((cw / 2, ch / 2), angle, 1.0)
+    img = cv2.warpAffine(img, m, (cw, ch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    c, b = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1) * 255
+    img = np.clip(img.astype(np.float32) * c + b + (1 - c) * img.mean(), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def _tensors(backbone: Backbone, pixels: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([model_transform(p, backbone.image_size, backbone.mean, backbone.std) for p in pixels])
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    lr: float = 1e-3
+    head_lr: float | None = 1e-2  # the prompt-initialised head (None: lr); features of small towers are close
+    # together, so a linear head needs large weights: 1e-2 fits 16 shots in the step budget, 1e-3 does not
+    weight_decay: float = 0.01
+    epochs: int = 40
+    batch_size: int = 16
+    lora_text: bool = False
+    train_head: bool = True
+    augment: bool = True
+    patience: int = 8
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimiser steps (0: the untrained adapter)
+    # also train the layer-scale gammas gating the targeted attention branches: "auto" = when a
+    # LoRA update of the targets barely moves the output (median relative effect < 1e-4)
+    layer_scale: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoraResult:
+    backbone: Backbone  # a copy of the base backbone with LoRA layers (fingerprint still the base's)
+    head: PromptHead
+    lora_config: object  # peft.LoraConfig
+    info: dict
+    extra_state: dict = dataclasses.field(default_factory=dict)  # trained layer-scale gammas (base-model names)
+
+
+def prompt_weights(backbone: Backbone, module: nn.Module, label_set: LabelSet, styles: list[str]) -> torch.Tensor:
+    """Ensembled prompt embeddings (S, L[, 2], D) computed through `module`'s text tower, with grad."""
+    texts: list[str] = []
+    for lab in label_set.labels:
+        for s in styles:
+            texts += list(lab.prompts[s].positive) + list(lab.prompts[s].negative)
+    uniq = list(dict.fromkeys(texts))
+    dev = next(module.parameters()).device
+    tokens = backbone.tokenize(uniq)
+    tokens = {k: v.to(dev) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(dev)
+    emb = F.normalize(module.encode_text(tokens).float(), dim=-1)
+    table = {t: emb[i] for i, t in enumerate(uniq)}
+    out = []
+    for s in styles:
+        rows = []
+        for lab in label_set.labels:
+            pos = _ensemble(torch.stack([table[t] for t in lab.prompts[s].positive]))
+            if label_set.multilabel:
+                rows.append(torch.stack([pos, _ensemble(torch.stack([table[t] for t in lab.prompts[s].negative]))]))
+            else:
+                rows.append(pos)
+        out.append(torch.stack(rows))
+    return torch.stack(out)
+
+
+def head_loss(head: PromptHead, emb: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None):
+    lg = head.logits(emb, weight)  # (B, S, L[, 2])
+    if head.multilabel:
+        diff = lg[..., 0] - lg[..., 1]
+        return F.binary_cross_entropy_with_logits(diff, targets[:, None, :].expand_as(diff).float())
+    s = lg.shape[1]
+    # soft targets: a row labelled with a group (e.g. skin12 "benign keratosis") spreads over its members
+    y = targets.float() / targets.float().sum(1, keepdim=True).clamp(min=1)
+    return sum(F.cross_entropy(lg[:, i], y) for i in range(s)) / s
+
+
+def count_parameters(module: nn.Module, head: nn.Module | None = None) -> tuple[int, int]:
+    """(trainable, total) parameters of module (+ head)."""
+    params = list(module.parameters()) + (list(head.parameters()) if head is not None else [])
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def encode_tensors(module: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    dev = next(module.parameters()).device
+    out = [F.normalize(module.encode_image(x[i : i + batch_size].to(dev)).float(), dim=-1)
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def disable_noop_adapters(module: nn.Module) -> int:
+    """Switch off LoRA layers whose B matrices are all zero (an exact no-op), so they run the
+    base layer itself. PEFT's MultiheadAttention LoRA re-assigns in_proj_weight as a plain tensor
+    for every call, which changes float rounding (~1e-7) even for a zero update; with this an
+    untrained (or early-stopped-at-epoch-0) adapter reproduces zero-shot scores bit for bit.
+    Returns how many layers were switched off."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, LoraLayer) and hasattr(m, "lora_B"):
+            bs = [b.weight for b in m.lora_B.values()]
+            out = getattr(getattr(m.get_base_layer(), "out_proj", None), "lora_B", None)
+            if isinstance(getattr(m.get_base_layer(), "out_proj", None), LoraLayer) and out is not None:
+                bs += [b.weight for b in out.values()]
+            if bs and all(not b.any() for b in bs):
+                m._disable_adapters = True
+                n += 1
+    return n
+
+
+def apply_lora(base_module: nn.Module, config, lora_state: dict[str, torch.Tensor],
+               extra_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of `base_module` with LoRA layers (`config`) holding `lora_state`
+    (`get_peft_model_state_dict` keys), frozen, in eval mode, no-op layers switched off.
+
+    Both training and `load_adapter` end here, so an adapter in memory and the same adapter
+    reloaded from its folder compute bit-identical outputs (PEFT's MultiheadAttention LoRA merges
+    and unmerges into the base weights on every call, which drifts them by float rounding; the
+    fresh copy starts from the untouched base weights)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    module = copy.deepcopy(base_module)
+    inject_adapter_in_model(config, module)
+    res = set_peft_model_state_dict(module, lora_state)
+    unexpected = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit the model: unexpected {unexpected[:3]}")
+    n_lora = sum(1 for k in module.state_dict() if "lora_" in k)
+    if n_lora != len(lora_state):
+        raise ValueError(f"{len(lora_state)} LoRA tensors given but the model has {n_lora} LoRA tensors")
+    if extra_state:
+        params = dict(module.named_parameters())
+        missing = [k for k in extra_state if k not in params]
+        if missing:
+            raise ValueError(f"adapter layer-scale tensors {missing[:3]} are not parameters of the model")
+        with torch.no_grad():
+            for k, v in extra_state.items():
+                if params[k].shape != v.shape:
+                    raise ValueError(f"adapter tensor {k}: shape {tuple(v.shape)} != model {tuple(params[k].shape)}")
+                params[k].copy_(v.to(params[k]))
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    disable_noop_adapters(module)
+    return module
+
+
+def _set_lora_train(module: nn.Module, training: bool) -> None:
+    """Base model stays in eval mode (frozen norms, no base dropout); only LoRA dropout trains."""
+    module.eval()
+    if training:
+        for n, m in module.named_modules():
+            if n.endswith("lora_dropout"):
+                m.train()
+
+
+def train_lora(
+    backbone: Backbone,
+    label_set: LabelSet,
+    train: LabelledData,
+    val: LabelledData | None = None,
+    settings: LoraSettings | None = None,
+    styles: list[str] | None = None,
+    progress: bool = True,
+    log=print,
+) -> LoraResult:
+    """Fine-tune LoRA adapters (+ the prompt head) on `train`; early-stop on `val` macro AUC.
+
+    With `val`, the epoch-0 (untrained = zero-shot) state competes too, so the returned adapter
+    is never worse than zero-shot on the validation data."""
+    from peft import inject_adapter_in_model
+
+    st = settings or LoraSettings()
+    t0 = time.time()
+    torch.manual_seed(st.seed)
+    rng = np.random.default_rng(st.seed)
+    styles = label_set.styles(styles)
+    towers = ("image", "text") if st.lora_text else ("image",)
+    det = detect_targets(backbone, towers)
+    names = [n for t in towers for n in det["targets"][t]]
+    config = _lora_config(names, st.rank, st.alpha, st.dropout)
+    module = copy.deepcopy(backbone.module)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(st.seed)
+    inject_adapter_in_model(config, module)
+    for n, p in module.named_parameters():
+        p.requires_grad_("lora_" in n)
+    img_effects = [det["effects"][n] for n in det["targets"]["image"]]
+    median_effect = float(np.median(img_effects)) if img_effects else 1.0
+    scales = []
+    if st.layer_scale == "on" or (st.layer_scale == "auto" and median_effect < 1e-4):
+        scales = gating_scales(module, det["targets"]["image"])
+        params = dict(module.named_parameters())
+        for n in scales:
+            params[n].requires_grad_(True)
+        if scales:
+            log(f"LoRA targets barely move the output (median relative effect {median_effect:.1e}); also training "
+                f"their layer-scale gammas: {', '.join(scales)}")
+        elif st.layer_scale == "auto":
+            log(f"warning: LoRA targets barely move the output (median relative effect {median_effect:.1e}) and no "
+                f"layer-scale gamma was found; the head will do most of the adaptation")
+    classifier = text_classifier(backbone, label_set, styles)
+    head = PromptHead.from_classifier(classifier).to(backbone.device)
+    train_head = st.train_head and not st.lora_text  # with text LoRA the head is the text tower's output
+    head.weight.requires_grad_(train_head)
+    trainable, total = count_parameters(module, head)
+    named = dict(module.named_parameters())
+    breakdown = {"lora": sum(p.numel() for n, p in named.items() if "lora_" in n and p.requires_grad),
+                 "layer_scale": sum(named[n].numel() for n in scales),
+                 "head": head.weight.numel() if train_head else 0}
+    log(f"LoRA r={st.rank} alpha={st.alpha} dropout={st.dropout} on {len(names)} module(s): "
+        + ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else ""))
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%): "
+        + ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if v))
+
+    pixels, keep = load_pixels(train.paths)
+    if not pixels:
+        raise ValueError(f"{train.csv_path}: none of the {len(train)} training images could be read")
+    y_train = torch.from_numpy(train.targets[keep]).float()
+    val_x = val_t = None
+    if val is not None and len(val):
+        vpx, vkeep = load_pixels(val.paths)
+        val_x, val_t = _tensors(backbone, vpx), val.targets[vkeep]
+    groups = [{"params": [p for n, p in module.named_parameters() if p.requires_grad and n not in scales],
+               "lr": st.lr, "weight_decay": st.weight_decay}]
+    if scales:
+        params = dict(module.named_parameters())
+        groups.append({"params": [params[n] for n in scales], "lr": st.lr, "weight_decay": 0.0})
+    if train_head:
+        groups.append({"params": [head.weight], "lr": st.head_lr if st.head_lr is not None else st.lr,
+                       "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    n = len(pixels)
+    steps_per_epoch = max(1, math.ceil(n / st.batch_size))
+    total_steps = st.epochs * steps_per_epoch
+    if st.max_steps is not None:
+        total_steps = min(total_steps, st.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
+
+    def current_weight():
+        return prompt_weights(backbone, module, label_set, styles) if st.lora_text else None
+
+    def evaluate() -> float | None:
+        if val_x is None:
+            return None
+        _set_lora_train(module, False)
+        with torch.no_grad():
+            w = current_weight()
+            emb = encode_tensors(module, val_x)
+            probs = head.probabilities_from(emb, w).mean(1).cpu().numpy()
+        return auc_metrics(val_t, probs, label_set)["macro_auc"]
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k or k in scales}, \
+            head.weight.detach().clone()
+
+    history = []
+    best_auc = zero_shot_auc = evaluate()
+    best_epoch, best_state = 0, snapshot()
+    zero_shot_state = best_state
+    if best_auc is not None:
+        history.append({"epoch": 0, "step": 0, "loss": None, "val_macro_auc": best_auc})
+        log(f"epoch 0 (zero-shot): val macro AUC {best_auc:.4f}")
+    bar = None
+    if progress and total_steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="lora", unit="step")
+    step, since_best, epoch = 0, 0, 0
+    eval_every = max(1, round(8 / steps_per_epoch))  # validate about every 8 steps, at most once an epoch
+    while step < total_steps:
+        epoch += 1
+        _set_lora_train(module, True)
+        order = rng.permutation(n)
+        losses = []
+        for i in range(0, n, st.batch_size):
+            if step >= total_steps:
+                break
+            idx = order[i : i + st.batch_size]
+            imgs = [augment(pixels[j], rng) if st.augment else pixels[j] for j in idx]
+            x = _tensors(backbone, imgs).to(backbone.device)
+            emb = F.normalize(module.encode_image(x).float(), dim=-1)
+            loss = head_loss(head, emb, y_train[idx].to(emb.device), current_weight())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", epoch=epoch)
+        last = step >= total_steps
+        auc = evaluate() if (epoch % eval_every == 0 or last) else None
+        history.append({"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None,
+                        "val_macro_auc": auc})
+        if bar is not None and auc is not None:
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auc=f"{auc:.4f}", epoch=epoch)
+        if auc is not None:
+            if auc > best_auc + 1e-6:
+                best_auc, best_epoch, best_state, since_best = auc, epoch, snapshot(), 0
+            else:
+                since_best += 1
+                if since_best >= st.patience:
+                    log(f"early stop at epoch {epoch}: no val improvement in {st.patience} validation rounds")
+                    break
+    if bar is not None:
+        bar.close()
+    if val_x is not None and best_epoch > 0 and best_auc < zero_shot_auc + MIN_GAIN:
+        log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not beat zero-shot ({zero_shot_auc:.4f}) "
+            f"by {MIN_GAIN}: keeping the untrained (zero-shot) adapter")
+        best_auc, best_epoch, best_state = zero_shot_auc, 0, zero_shot_state
+    if val_x is not None:
+        lora_state, head_w = best_state
+        module.load_state_dict(lora_state, strict=False)
+        with torch.no_grad():
+            head.weight.copy_(head_w)
+        log(f"kept epoch {best_epoch} (val macro AUC {best_auc:.4f})")
+    else:
+        best_epoch = epoch
+    from peft import get_peft_model_state_dict
+
+    lora_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+    params = dict(module.named_parameters())
+    extra_state = {n: params[n].detach().clone() for n in scales}
+    module = apply_lora(backbone.module, config, lora_state, extra_state)
+    adapted = dataclasses.replace(backbone, module=module)
+    if st.lora_text:  # bake the adapted text tower's prompt embeddings into the head
+        with torch.no_grad():
+            head.weight.copy_(prompt_weights(backbone, module, label_set, styles))
+    for p in head.parameters():
+        p.requires_grad_(False)
+    head.eval()
+    info = {
+        "method": "lora",
+        "targets": det["targets"],
+        "target_kinds": det["kinds"],
+        "skipped_targets": det["skipped"],
+        "target_effects": det["effects"],
+        "layer_scale_params": scales,
+        "lora": {"r": st.rank, "alpha": st.alpha, "dropout": st.dropout},
+        "trainable_params": trainable,
+        "trainable_breakdown": breakdown,
+        "total_params": total,
+        "head_trained": train_head,
+        "n_train_images": n,
+        "steps": step,
+        "epochs_run": epoch,
+        "best_epoch": best_epoch,
+        "best_val_macro_auc": best_auc,
+        "history": history,
+        "train_seconds": round(time.time() - t0, 1),
+        "settings": st.to_dict(),
+    }
+    return LoraResult(adapted, head, config, info, extra_state)

@@ -1,0 +1,263 @@
+"""Few-shot study: held-out macro AUC vs shots per class, per method, over seeds.
+
+Protocol (written into the outputs):
+- held-out set: `eval_data`, or when it is absent / the same file, a patient-grouped split of
+  `data` (`vlm.data.group_split`, `eval_fraction` of patients); the training pool never shares
+  a patient or file with it;
+- per (method, K, seed): K shots per class from the pool (`sample_shots`, seed), plus a validation
+  sample of max(K, val_shots) per class from the rest of the pool (other patients) used for LoRA
+  early stopping (epoch 0 = zero-shot competes) and the baselines' hyper-parameters;
+- zero-shot (the base model's prompt ensembles) is the 0-shot point of every curve;
+- scoring: head outputs averaged over `variants` x styles, exactly as `Scorer` does.
+
+Writes results.csv (one row per run), summary.csv / summary.md (mean +- sd over seeds),
+study.json and index.html (plotly, offline).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import LabelledData, group_split, sample_shots
+from ..images import ImageLoadError, load_image
+from ..labels import LabelSet
+from ..models import Backbone
+from ..scoring import ImageEmbeddingCache, text_classifier, variant_tensors
+from .core import exclude_groups
+from .heads import PromptHead
+from .lora import LoraSettings, encode_tensors, train_lora
+from .metrics import auc_metrics
+
+
+def _stratified_cap(data: LabelledData, n: int, seed: int = 0) -> LabelledData:
+    if n is None or len(data) <= n:
+        return data
+    rng = np.random.default_rng(seed)
+    key = data.targets.argmax(1) if not data.label_set.multilabel else np.zeros(len(data), int)
+    keep = []
+    for c in np.unique(key):
+        idx = np.where(key == c)[0]
+        take = max(1, int(round(n * len(idx) / len(data))))
+        keep += rng.choice(idx, size=min(take, len(idx)), replace=False).tolist()
+    return data.subset(sorted(keep))
+
+
+def _load_tensors(backbone: Backbone, data: LabelledData, variants: list[str]) -> tuple[torch.Tensor, list[int]]:
+    xs, keep = [], []
+    for i, p in enumerate(data.paths):
+        try:
+            xs.append(variant_tensors(load_image(p), variants, backbone.image_size, backbone.mean, backbone.std))
+            keep.append(i)
+        except ImageLoadError:
+            continue
+    return torch.stack(xs), keep
+
+
+def _probs(head, emb: torch.Tensor) -> np.ndarray:
+    """emb (N, V, D) -> (N, L): head outputs averaged over variants x styles."""
+    with torch.no_grad():
+        return head(emb).mean((1, 2)).cpu().numpy()
+
+
+def run_study(
+    backbone: Backbone,
+    label_set: LabelSet,
+    data: LabelledData,
+    eval_data: LabelledData | None = None,
+    *,
+    shots=(1, 4, 16),
+    methods=("lora", "linear-probe", "tip-adapter"),
+    seeds: int = 3,
+    out_dir: str | Path = "fewshot-study",
+    eval_fraction: float = 0.3,
+    max_eval: int | None = None,
+    variants=("original",),
+    val_shots: int = 8,
+    settings: LoraSettings | None = None,
+    styles=None,
+    log=print,
+    command: str = "",
+    progress: bool = False,
+    holdout: str = "split",
+) -> dict:
+    from .baselines import frozen_features, train_linear_probe, train_tip_adapter
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = list(variants)
+    if holdout == "pretrain-val":
+        pool, held, split = pretrain_val_split(backbone, data)
+    elif eval_data is None:
+        tr_idx, ev_idx = group_split(data, eval_fraction, seed=0)
+        pool, held = data.subset(tr_idx), data.subset(ev_idx)
+        split = f"patient-grouped split of {data.csv_path} ({eval_fraction:.0%} of patients held out, seed 0)"
+    else:
+        held = eval_data
+        pool = exclude_groups(data, held)
+        split = f"{eval_data.csv_path} (training pool: {data.csv_path} minus any shared patient/file)"
+    held = _stratified_cap(held, max_eval)
+    log(f"training pool {len(pool)} images; held-out {len(held)} images ({split})")
+    cache = ImageEmbeddingCache()
+    settings = settings or LoraSettings()
+    clf = text_classifier(backbone, label_set, styles)
+    zs_head = PromptHead.from_classifier(clf).to(backbone.device)
+
+    t0 = time.time()
+    ev_x, ev_keep = _load_tensors(backbone, held, variants)
+    ev_t = held.targets[ev_keep]
+    n_ev, v = ev_x.shape[:2]
+    base_emb = encode_tensors(backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
+    log(f"encoded {n_ev} held-out images x {v} variant(s) in {time.time() - t0:.1f} s")
+
+    rows = []
+    zs = auc_metrics(ev_t, _probs(zs_head, base_emb), label_set)
+    rows.append({"method": "zero-shot", "shots": 0, "seed": "", **_row(zs), "seconds": 0.0, "n_train": 0})
+    log(f"zero-shot: macro AUC {zs['macro_auc']:.4f}")
+    for k in shots:
+        for seed in range(seeds):
+            train = pool.subset(sample_shots(pool, k, seed))
+            rest = exclude_groups(pool, train)
+            val = rest.subset(sample_shots(rest, max(k, val_shots), seed + 1000))
+            feats = val_feats = None
+            for method in methods:
+                t1 = time.time()
+                quiet = lambda *a, **kw: None  # noqa: E731 - per-run chatter stays out of the study log
+                if method == "lora":
+                    res = train_lora(backbone, label_set, train, val, LoraSettings(**{**settings.to_dict(), "seed": seed}),
+                                     styles, progress=progress, log=quiet)
+                    emb = encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
+                    m = auc_metrics(ev_t, _probs(res.head, emb), label_set)
+                    extra = {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"]}
+                else:
+                    if feats is None:
+                        feats = frozen_features(backbone, train, cache)
+                        val_feats = frozen_features(backbone, val, cache)
+                    fn = train_linear_probe if method == "linear-probe" else train_tip_adapter
+                    head, info = fn(backbone, label_set, train, styles, seed, cache, quiet, features=feats,
+                                    val_features=val_feats)
+                    m = auc_metrics(ev_t, _probs(head.to(backbone.device), base_emb), label_set)
+                    extra = {k2: info[k2] for k2 in ("lambda", "alpha", "beta") if k2 in info}
+                secs = time.time() - t1
+                rows.append({"method": method, "shots": k, "seed": seed, **_row(m), "seconds": round(secs, 1),
+                             "n_train": len(train), "n_val": len(val), **{f"hp_{a}": b for a, b in extra.items()}})
+                log(f"{method:<12} K={k:<3} seed {seed}: macro AUC {m['macro_auc']:.4f} "
+                    f"({m['macro_auc'] - zs['macro_auc']:+.4f} vs zero-shot), {secs:.1f} s "
+                    + " ".join(f"{a}={b}" for a, b in extra.items()))
+    summary = summarise(rows, label_set)
+    meta = {"model": backbone.name, "model_fingerprint": backbone.fingerprint, "label_set": label_set.name,
+            "data": str(data.csv_path), "held_out": split, "n_held_out": int(n_ev), "n_pool": len(pool),
+            "variants": variants, "shots": list(shots), "methods": list(methods), "seeds": seeds,
+            "val_shots": val_shots, "lora_settings": settings.to_dict(), "command": command,
+            "seconds": round(time.time() - t_start, 1)}
+    write_outputs(out, rows, summary, meta, label_set)
+    log(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / 'index.html'}")
+    return {"rows": rows, "summary": summary, "meta": meta}
+
+
+def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[LabelledData, LabelledData, str]:
+    """(pool, held-out, description) where held-out = the rows the base model held out for validation
+    when `vlm-xray pretrain` trained it (same seeded hash of `<csv folder>/<patient or filename>`),
+    i.e. images it never trained on; read from the model folder's metrics.json."""
+    import hashlib
+
+    f = Path(backbone.source) / "metrics.json"
+    if not f.is_file():
+        raise ValueError(f"--holdout pretrain-val needs the base model's metrics.json (from vlm-xray pretrain); "
+                         f"{f} not found")
+    cfg = json.loads(f.read_text()).get("config", {})
+    seed, frac = int(cfg.get("seed", 0)), float(cfg.get("val_fraction", 0.15))
+    folder = Path(data.csv_path).parent.name
+    val = [int(hashlib.sha256(f"{seed}:{folder}/{g}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
+           for g in data.groups]
+    held = [i for i, v in enumerate(val) if v]
+    pool = [i for i, v in enumerate(val) if not v]
+    if not held:
+        raise ValueError(f"no rows of {data.csv_path} are in {backbone.name}'s pre-training validation split")
+    return data.subset(pool), data.subset(held), (
+        f"{backbone.name}'s pre-training validation split of {data.csv_path} (seed {seed}, {frac:.0%} of patients; "
+        f"images the model never trained on)")
+
+
+def _row(m: dict) -> dict:
+    return {"macro_auc": m["macro_auc"], **{f"auc:{k}": v for k, v in m["per_label"].items()}}
+
+
+def summarise(rows: list[dict], label_set: LabelSet) -> list[dict]:
+    """Mean and sd over seeds per (method, shots); zero-shot is repeated as every method's 0 point."""
+    cols = [c for c in rows[0] if c == "macro_auc" or c.startswith("auc:")]
+    out = []
+    keys = list(dict.fromkeys((r["method"], r["shots"]) for r in rows))
+    for method, k in keys:
+        rs = [r for r in rows if r["method"] == method and r["shots"] == k]
+        entry = {"method": method, "shots": k, "runs": len(rs)}
+        for c in cols:
+            vals = [r[c] for r in rs if r.get(c) is not None]
+            entry[c] = float(np.mean(vals)) if vals else None
+            entry[c + ":sd"] = float(np.std(vals)) if len(vals) > 1 else 0.0 if vals else None
+        entry["seconds"] = float(np.mean([r["seconds"] for r in rs]))
+        out.append(entry)
+    return out
+
+
+def _fmt(x, sd=None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" if not sd else f"{x:.3f} ± {sd:.3f}"
+
+
+def markdown_table(summary: list[dict]) -> str:
+    labels = [c[4:] for c in summary[0] if c.startswith("auc:") and not c.endswith(":sd")]
+    head = "| method | shots | runs | macro AUC | " + " | ".join(labels) + " | s/run |"
+    lines = [head, "|" + "---|" * (5 + len(labels))]
+    for e in summary:
+        cells = [e["method"], str(e["shots"]), str(e["runs"]), _fmt(e["macro_auc"], e["macro_auc:sd"])]
+        cells += [_fmt(e[f"auc:{lab}"]) for lab in labels]
+        cells.append(f"{e['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, rows, summary, meta, label_set) -> None:
+    from ..html import atomic_write_text, figure_div, render, write_plotly_asset
+
+    atomic_write_text(out / "results.csv", _csv(rows))
+    atomic_write_text(out / "summary.csv", _csv(summary))
+    md = markdown_table(summary)
+    atomic_write_text(out / "summary.md", f"# Few-shot study: {meta['model']} on {meta['label_set']}\n\n"
+                      f"Held-out: {meta['held_out']}, {meta['n_held_out']} images; metric: macro ROC AUC "
+                      f"(mean ± sd over {meta['seeds']} seeds).\n\n{md}")
+    atomic_write_text(out / "study.json", json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    zs = next(e for e in summary if e["method"] == "zero-shot")
+    for method in [m for m in meta["methods"]]:
+        pts = [zs] + sorted((e for e in summary if e["method"] == method), key=lambda e: e["shots"])
+        fig.add_trace(go.Scatter(
+            x=[e["shots"] for e in pts], y=[e["macro_auc"] for e in pts], mode="lines+markers", name=method,
+            error_y={"type": "data", "array": [e["macro_auc:sd"] or 0 for e in pts], "visible": True}))
+    fig.add_hline(y=zs["macro_auc"], line_dash="dot", annotation_text="zero-shot")
+    fig.update_layout(xaxis={"title": "shots per class (0 = zero-shot)", "type": "category"},
+                      yaxis={"title": "held-out macro AUC"}, template="plotly_white", height=480,
+                      margin={"l": 60, "r": 20, "t": 30, "b": 50})
+    html = render("fewshot.html.j2", meta=meta, summary=summary, plot=figure_div(fig, "fewshot-auc"),
+                  plotly_src=write_plotly_asset(out), table_md=md,
+                  labels=[c[4:] for c in summary[0] if c.startswith("auc:") and not c.endswith(":sd")])
+    atomic_write_text(out / "index.html", html)

@@ -1,0 +1,93 @@
+"""`vlm-xray pretrain`: the click command around `vlm.pretrain.pretrain` (registered in vlm.cli)."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from .pretrain import DEFAULT_IMAGE_TOWER, parse_data_spec
+
+
+@click.command("pretrain", context_settings={"show_default": True})
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH[:LABELSET]",
+              help="A labels.csv (or its folder) with filename/labels/patient columns; repeat for several. "
+                   "The label set (prompts/<name>.yaml) is auto-detected from the CSV's labels unless given "
+                   "after a colon, e.g. shared/data/chest4:chest4. A 'caption' or 'report' column, when present, "
+                   "is used as the caption instead of prompt-generated text.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (open_clip layout: open_clip_config.json, open_clip_model.safetensors, "
+                   "metrics.json, README.md); load it with --model PATH.")
+@click.option("--image-tower", default=DEFAULT_IMAGE_TOWER,
+              help="timm model name for the image tower (random init). Must accept the chosen --image-size "
+                   "(conv/hybrid nets such as edgenext_xx_small, mobilevit_xxs do; plain ViTs need 224).")
+@click.option("--image-size", default=128, type=int, help="Training/inference resolution in pixels.")
+@click.option("--embed-dim", default=384, type=int,
+              help="Joint embedding size; 384 keeps MiniLM's sentence space exactly (identity projection).")
+@click.option("--epochs", default=20, type=int)
+@click.option("--batch-size", default=128, type=int)
+@click.option("--lr", default=2e-3, type=float, help="Peak AdamW learning rate (warm-up then cosine).")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]),
+              help="cuda uses bf16 autocast.")
+@click.option("--seed", default=0, type=int, help="Seeds the split, captions, augmentation and init.")
+@click.option("--resume/--no-resume", default=False,
+              help="Continue from OUT/train_state.pt (same configuration required).")
+@click.option("--text-lora/--no-text-lora", default=False,
+              help="Adapt the MiniLM text tower with LoRA (r=8, query/value) instead of keeping it locked. "
+                   "Slower; the saved weights then include the text transformer (~45 MB).")
+@click.option("--withhold", "withhold", multiple=True, metavar="LABEL",
+              help="Label never shown in captions (repeatable): its training rows are dropped; it stays in "
+                   "validation to measure zero-shot transfer to an unseen label.")
+@click.option("--val-fraction", default=0.15, type=float, help="Share of patients held out for validation.")
+@click.option("--loss", default="multipos", type=click.Choice(["multipos", "siglip"]),
+              help="multipos: label-aware multi-positive contrastive (rows sharing a label combination are "
+                   "positives); siglip: pairwise sigmoid loss with the same positives.")
+@click.option("--prompt-weight", default=1.0, type=float,
+              help="Weight of the auxiliary prompt loss (the zero-shot scoring head itself); 0 disables it.")
+@click.option("--max-minutes", default=None, type=float,
+              help="Training-time budget: the cosine LR schedule follows max(step, elapsed-time) progress and "
+                   "training stops when the budget is spent (best checkpoint kept); --epochs is then an upper bound.")
+@click.option("--num-threads", default=None, type=int,
+              help="CPU threads for torch (default: $OMP_NUM_THREADS or all cores).")
+@click.option("--keep-train-state/--no-keep-train-state", default=False,
+              help="Keep OUT/train_state.pt (optimizer etc.) after the run finishes, to extend it later.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Cache the resized images here (.npy) to start later runs faster.")
+@click.option("--progress/--no-progress", default=True, help="Show tqdm progress bars.")
+def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, batch_size, lr, device, seed,
+                     resume, text_lora, withhold, val_fraction, loss, prompt_weight, max_minutes, num_threads, keep_train_state,
+                     cache_dir, progress):
+    """Pre-train a LiT-style CLIP: a small image tower trained against the locked
+    all-MiniLM-L6-v2 text tower, on image/label CSVs whose labels become captions.
+
+    \b
+    Example:
+      vlm-xray pretrain --data shared/data/nih14 --data shared/data/chest4 \\
+          --data shared/data/skin --out my-model --epochs 20
+
+    The result is a research demonstrator, not a diagnostic device.
+    """
+    from .pretrain import pretrain
+
+    specs = [parse_data_spec(d) for d in data]
+    args = sys.argv[1:]
+    if "pretrain" in args:  # `vlm-xray [global options] pretrain ...`
+        args = args[args.index("pretrain") + 1:]
+    command = "vlm-xray pretrain " + " ".join(shlex.quote(a) for a in args)
+    try:
+        m = pretrain(specs, out_dir, image_tower=image_tower, image_size=image_size, embed_dim=embed_dim,
+                     epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed, resume=resume,
+                     withhold_labels=tuple(withhold), val_fraction=val_fraction, loss=loss,
+                     prompt_weight=prompt_weight, text_lora=text_lora, max_minutes=max_minutes, num_threads=num_threads, keep_train_state=keep_train_state,
+                     cache_dir=cache_dir, command=command, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    m.pop("model", None)
+    click.echo(f"wrote {out_dir} (best epoch {m['best_epoch']}, {m['seconds']['total'] / 60:.1f} min)")
+    for s, v in (m.get("val") or {}).items():
+        aucs = ", ".join(f"{k} {a:.3f}" for k, a in v["auc"].items())
+        click.echo(f"  {s}: mean AUC {v['mean_auc']:.3f}  [{aucs}]")
+
+
+if __name__ == "__main__":
+    pretrain_command()
