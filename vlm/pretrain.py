@@ -811,7 +811,8 @@ def pretrain(
         if stop_early:
             print(f"[pretrain] time budget of {max_minutes} min reached after epoch {epoch + 1}", file=sys.stderr)
             break
-    train_seconds = time.time() - t_train0
+    session_train_seconds = time.time() - t_train0
+    train_seconds = elapsed_before + session_train_seconds  # cumulative over resumes
 
     # ---- final: best weights, exactly as stored -------------------------------------------------
     if text_lora:
@@ -846,7 +847,7 @@ def pretrain(
         "n_caption_texts": len(cap_texts), "n_prompt_texts": len(prompt_texts),
         "seconds": {"text_precompute": round(t_text, 1), "image_preload": round(t_load, 1),
                     "train": round(train_seconds, 1), "total": round(time.time() - t_start, 1)},
-        "images_per_second": round(n_seen / max(train_seconds, 1e-9), 1),
+        "images_per_second": round(n_seen / max(session_train_seconds, 1e-9), 1),
         "best_epoch": best_epoch,
         "epochs_done": max((h["epoch"] for h in epochs_hist), default=0),
         "stopped_by_time_budget": stop_early,
@@ -933,7 +934,8 @@ def model_card(m: dict, label_sets: dict[str, LabelSet]) -> str:
         + f", batch {c['batch_size']}, AdamW lr {c['lr']} (cosine, warm-up), weight decay "
         f"{c['weight_decay']}, seed {c['seed']}; best epoch {m['best_epoch']} by mean validation AUC"
         + (" over non-withheld labels" if c["withhold_labels"] else "") + ".",
-        f"- Wall time: {sec['total'] / 60:.1f} min total ({sec['train'] / 60:.1f} min training, "
+        f"- Wall time: {sec['train'] / 60:.1f} min training (cumulative over resumes; last session "
+        f"{sec['total'] / 60:.1f} min incl. data loading, "
         f"{m['images_per_second']} images/s).",
         "- Augmentation: random resized crop (zoom up to 1.2, shift 5 %), rotation ±10°, brightness/contrast/gamma "
         "jitter; horizontal/vertical flips only for dermoscopy, never for chest radiographs.",

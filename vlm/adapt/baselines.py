@@ -26,13 +26,14 @@ from ..labels import LabelSet
 from ..models import Backbone
 from ..scoring import ImageFailure, encode_images, text_classifier
 from .heads import LinearProbeHead, PromptHead, TipAdapterHead
-from .metrics import auc_metrics
+from .metrics import auc_metrics, confident_gain
 
 LP_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
 TIP_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TIP_BETAS = (1.0, 3.0, 5.5, 10.0, 20.0)
 # an adapted candidate replaces zero-shot only when it beats it by this much (macro AUC) on the
-# selection data: few-shot selection data are noisy, and zero-shot is the safe default
+# selection data AND the gain's paired-bootstrap 10% quantile is above 0: few-shot selection data
+# are noisy, and zero-shot is the safe default
 MIN_GAIN = 0.005
 
 
@@ -63,6 +64,13 @@ def _folds(targets: np.ndarray, multilabel: bool, seed: int, max_folds: int = 5)
         idx = rng.permutation(np.where(key == c)[0])
         fold[idx] = (np.arange(len(idx)) + rng.integers(max_folds)) % max_folds
     return [np.where(fold == f)[0] for f in range(max_folds) if (fold == f).any()]
+
+
+def _confident(t, p_new, p_zs, label_set, seed) -> bool:
+    """Adopt a candidate over zero-shot only if its selection-data gain is >= MIN_GAIN and its
+    paired-bootstrap 10% quantile is > 0."""
+    gain, lower = confident_gain(np.asarray(t), np.asarray(p_new), np.asarray(p_zs), label_set, seed=seed)
+    return gain >= MIN_GAIN and lower > 0
 
 
 def _score(targets: np.ndarray, probs: np.ndarray, label_set: LabelSet) -> float:
@@ -133,24 +141,29 @@ def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledD
         return _lp_head(w0, dw, b, ml, clf.styles)
 
     folds = _folds(y, ml, seed)
+    probs = {}
     if val_features is not None:
         vx, vy, _ = val_features
-        results = {"zero-shot": _score(vy, _linear_probs(vx, head(*zero)), label_set)}
+        sel_t = vy
+        probs["zero-shot"] = _linear_probs(vx, head(*zero))
         for lam in LP_LAMBDAS:
-            results[lam] = _score(vy, _linear_probs(vx, head(*fit_linear(x, y, w0, lam, ml))), label_set)
+            probs[lam] = _linear_probs(vx, head(*fit_linear(x, y, w0, lam, ml)))
+        results = {k: _score(vy, p, label_set) for k, p in probs.items()}
         how = f"validation AUC on {len(vy)} images"
     else:
-        results = {"zero-shot": _score(y, _linear_probs(x, head(*zero)), label_set)}
+        sel_t = y
+        probs["zero-shot"] = _linear_probs(x, head(*zero))
         for lam in LP_LAMBDAS:
             pooled = np.zeros(y.shape)
             for held in folds:
                 tr = np.setdiff1d(np.arange(len(y)), held)
                 pooled[held] = _linear_probs(x[held], head(*fit_linear(x[tr], y[tr], w0, lam, ml)))
-            results[lam] = _score(y, pooled, label_set)
+            probs[lam] = pooled
+        results = {k: _score(y, p, label_set) for k, p in probs.items()}
         how = f"{'leave-one-out' if len(folds) == len(y) else f'{len(folds)}-fold'} CV on the shots"
     # ties go to zero-shot, then to the strongest pull towards it
     best = max(results, key=lambda k: (round(results[k], 6), k if k != "zero-shot" else float("inf")))
-    if best != "zero-shot" and results[best] < results["zero-shot"] + MIN_GAIN:
+    if best != "zero-shot" and not _confident(sel_t, probs[best], probs["zero-shot"], label_set, seed):
         best = "zero-shot"
     dw, b = zero if best == "zero-shot" else fit_linear(x, y, w0, best, ml)
     log(f"linear probe: lambda={best} (macro AUC {results[best]:.4f}, {how}; zero-shot {results['zero-shot']:.4f})")
@@ -179,7 +192,7 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
     with torch.no_grad():
         zs_logits = zs.logits(qx)  # (N, S, L[, 2])
         cos = qx @ x.T
-    results = {}
+    results, probs = {}, {}
     for beta in TIP_BETAS:
         aff = torch.exp(-beta * (1.0 - cos))
         if val_features is None:
@@ -193,9 +206,10 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
             p = lg.softmax(-1)
             p = (p[..., 0] if ml else p).mean(1).numpy()
             results[(alpha, beta)] = _score(qy, p, label_set)
+            probs[(alpha, beta)] = p
     # ties go to the smaller alpha (closer to zero-shot), then the smaller beta
     (alpha, beta) = max(results, key=lambda k: (round(results[k], 6), -k[0], -k[1]))
-    if alpha != 0.0 and results[(alpha, beta)] < results[(0.0, TIP_BETAS[0])] + MIN_GAIN:
+    if alpha != 0.0 and not _confident(qy, probs[(alpha, beta)], probs[(0.0, TIP_BETAS[0])], label_set, seed):
         alpha, beta = 0.0, TIP_BETAS[0]
     log(f"tip-adapter: alpha={alpha} beta={beta} (macro AUC {results[(alpha, beta)]:.4f}, {how}; "
         f"zero-shot {results[(0.0, TIP_BETAS[0])]:.4f})")

@@ -34,7 +34,7 @@ from ..models import Backbone
 from ..scoring import _ensemble, model_transform, text_classifier
 from ..variants import get_variant
 from .heads import PromptHead
-from .metrics import auc_metrics
+from .metrics import auc_metrics, confident_gain
 
 IMAGE_TOWERS = ("visual", "model.vision_model", "vision_model")
 TEXT_TOWERS = ("text", "model.text_model", "text_model", "transformer")  # transformer: open_clip CLIP's text
@@ -44,6 +44,7 @@ ATTENTION_HINTS = ("attn", "attention", "xca", "mixer")
 
 
 MIN_GAIN = 0.005  # a trained epoch replaces zero-shot only if it beats it by this val macro AUC
+# and the gain's paired-bootstrap 10% quantile over the validation images is above 0
 
 
 class LoraTargetError(ValueError):
@@ -485,6 +486,8 @@ def train_lora(
     def current_weight():
         return prompt_weights(backbone, module, label_set, styles) if st.lora_text else None
 
+    val_probs: dict[int, np.ndarray] = {}
+
     def evaluate() -> float | None:
         if val_x is None:
             return None
@@ -493,6 +496,7 @@ def train_lora(
             w = current_weight()
             emb = encode_tensors(module, val_x)
             probs = head.probabilities_from(emb, w).mean(1).cpu().numpy()
+        val_probs[epoch] = probs
         return auc_metrics(val_t, probs, label_set)["macro_auc"]
 
     def snapshot():
@@ -500,6 +504,7 @@ def train_lora(
             head.weight.detach().clone()
 
     history = []
+    epoch = 0
     best_auc = zero_shot_auc = evaluate()
     best_epoch, best_state = 0, snapshot()
     zero_shot_state = best_state
@@ -551,9 +556,14 @@ def train_lora(
                     break
     if bar is not None:
         bar.close()
-    if val_x is not None and best_epoch > 0 and best_auc < zero_shot_auc + MIN_GAIN:
-        log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not beat zero-shot ({zero_shot_auc:.4f}) "
-            f"by {MIN_GAIN}: keeping the untrained (zero-shot) adapter")
+    confident = True
+    if val_x is not None and best_epoch > 0:
+        gain, lower = confident_gain(val_t, val_probs[best_epoch], val_probs[0], label_set, seed=st.seed)
+        confident = gain >= MIN_GAIN and lower > 0
+    if not confident:
+        log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
+            f"({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile {lower:+.4f}): keeping the untrained "
+            f"(zero-shot) adapter")
         best_auc, best_epoch, best_state = zero_shot_auc, 0, zero_shot_state
     if val_x is not None:
         lora_state, head_w = best_state
