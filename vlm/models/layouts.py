@@ -60,6 +60,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    if not obj:
+        raise ModelLoadError(f"{path}: the checkpoint holds no tensors")
     if next(iter(obj)).startswith("module."):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     for k in ("input_resolution", "context_length", "vocab_size"):
