@@ -175,3 +175,21 @@ def test_multiclass_calibration_roundtrip(openclip_dir, tmp_path):
     s.calibration = cal
     p = s.probabilities(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1))
     assert p.shape == (3, 2, 4) and torch.allclose(p.sum(-1), torch.ones(3, 2), atol=1e-5)
+
+
+def test_calibration_shipped_in_model_folder_is_default(calibrated, openclip_dir, image_dir, tmp_path):
+    import shutil
+
+    _, out, _ = calibrated
+    model = tmp_path / "model_with_calibration"
+    shutil.copytree(openclip_dir, model)
+    shutil.copy(out, model / "calibration-chestxray14.json")
+    img = str(image_dir / "grey8.png")
+    r = CliRunner().invoke(main, ["analyze", img, "--model", str(model), "--variants", "original,clahe", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["calibration"].endswith("calibration-chestxray14.json") and d["threshold"] is None
+    raw = json.loads(CliRunner().invoke(main, ["analyze", img, "--model", str(model), "--variants", "original,clahe",
+                                               "--calibration", "none", "--json", "-"]).output)
+    assert "calibration" not in raw and raw["threshold"] == 0.5
+    assert [f["probability"] for f in raw["findings"]] != [f["probability"] for f in d["findings"]]

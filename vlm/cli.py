@@ -56,7 +56,8 @@ def model_options(fn):
                       help="Few-shot adapter folder from `vlm-xray finetune` (must match --model).")(fn)
     fn = click.option("--calibration", default=None, metavar="JSON", type=click.Path(),
                       help="Calibration file from `vlm-xray calibrate`: calibrated probabilities and "
-                           "per-label thresholds (used unless --threshold is given).")(fn)
+                           "per-label thresholds (used unless --threshold is given). Default: the model's own "
+                           "calibration-LABELSET.json if its folder ships one; 'none' for raw probabilities.")(fn)
     return fn
 
 
@@ -87,7 +88,13 @@ def build_scorer(model, label_set, prompt_styles, variants, device, batch_size, 
     scorer = Scorer(backbone, ls, list(prompt_styles) or None, variants, batch_size=batch_size, head=head,
                     image_cache=image_cache)
     scorer.adapter_name = adapter_name
-    if calibration:
+    if calibration is None and adapter is None:
+        # A model folder may ship calibrations fitted on data it was trained with (the bundled
+        # starter does): used by default so its probabilities mean something; --calibration none
+        # gives the raw prompt-softmax probabilities.
+        shipped = Path(backbone.source) / f"calibration-{ls.name}.json"
+        calibration = str(shipped) if shipped.is_file() else None
+    if calibration and calibration != "none":
         from .calibrate import load_calibration
 
         scorer.calibration = load_calibration(calibration, ls)
