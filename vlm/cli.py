@@ -387,7 +387,8 @@ def calibrate_cmd(model, label_set, prompt_styles, variants, device, batch_size,
 
     if calibration:
         raise UserError("calibrate fits a new calibration; do not pass --calibration")
-    scorer = build_scorer(model, label_set, prompt_styles, variants, device, batch_size, adapter, None,
+    # "none": fit on the raw prompt logits, never on top of a calibration the model folder ships
+    scorer = build_scorer(model, label_set, prompt_styles, variants, device, batch_size, adapter, "none",
                           image_cache=_image_cache())
     data, desc = select_data(data_csv, scorer.label_set, mapping, split, where, group_split, seed)
     payload = fit_calibration(scorer, data, "target_sensitivity" if target_sensitivity else "youden",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..data import LabelledData
 from ..labels import LabelSet
 from ..models import Backbone
-from ..scoring import ImageFailure, encode_images, text_classifier
+from ..scoring import text_classifier
 from .heads import LinearProbeHead, PromptHead, TipAdapterHead
 from .metrics import auc_metrics, confident_gain
 
@@ -40,16 +40,12 @@ MIN_GAIN = 0.005
 def frozen_features(backbone: Backbone, data: LabelledData, cache=None, batch_size: int = 32,
                     progress: bool = False) -> tuple[torch.Tensor, np.ndarray, list[int]]:
     """('original'-variant embeddings (N, D), targets (N, L), kept row indices) of `data`."""
-    feats, keep = [], []
-    for i, enc in enumerate(encode_images(backbone, data.paths, ["original"], batch_size=batch_size,
-                                          cache=cache, progress=progress)):
-        if isinstance(enc, ImageFailure):
-            continue
-        feats.append(enc.embeddings[0])
-        keep.append(i)
-    if not feats:
+    from ..evaluate import encode_dataset
+
+    emb, keep, _ = encode_dataset(backbone, data.paths, ["original"], cache, batch_size, progress=progress)
+    if not len(keep):
         raise ValueError(f"{data.csv_path}: none of the {len(data)} images could be read")
-    return torch.stack(feats).float(), data.targets[keep], keep
+    return emb[:, 0], data.targets[keep], keep.tolist()
 
 
 def _folds(targets: np.ndarray, multilabel: bool, seed: int, max_folds: int = 5) -> list[np.ndarray]:
