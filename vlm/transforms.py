@@ -1,0 +1,50 @@
+"""Image pixels -> model tensors: THE resize + centre-crop, used by inference and training alike.
+
+`resize_center_crop` is open_clip's eval geometry (shorter side to `size`, centre crop) done in
+OpenCV so it runs in DataLoader workers without PIL round-trips; `model_transform` adds the [0, 1]
+scaling and mean/std normalisation. Pre-training, LoRA fine-tuning and scoring all call these, so
+training and inference cannot drift apart. torch is imported only by the tensor functions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+
+def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 -> uint8 size x size x 3: shorter side resized to `size` (area filter when
+    shrinking, bicubic when enlarging), then the centre `size` x `size` crop."""
+    h, w = pixels.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    img = cv2.resize(pixels, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
+
+
+def model_transform(pixels: np.ndarray, size: int, mean, std):
+    """uint8 HxWx3 -> normalised float32 tensor 3 x size x size (open_clip's eval transform)."""
+    import torch
+
+    img = resize_center_crop(pixels, size)
+    t = torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (t - m) / s
+
+
+def model_tensors(pixels: Sequence[np.ndarray], size: int, mean, std):
+    """A list of uint8 HxWx3 images -> one (N, 3, size, size) tensor via `model_transform`."""
+    import torch
+
+    return torch.stack([model_transform(p, size, mean, std) for p in pixels])
+
+
+def variant_tensors(image, variants: list[str], size: int, mean, std):
+    """(V, 3, size, size): each named preprocessing variant of `image.pixels`, model-transformed."""
+    from .variants import get_variant
+
+    return model_tensors([get_variant(v)(image.pixels) for v in variants], size, mean, std)
