@@ -26,7 +26,6 @@ calibration data, n, and the data file, plus the model fingerprint and label set
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -36,53 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import expected_calibration_error, roc_curve
+from .fileio import FileFormatError, atomic_write_json, read_json
+from .metrics import choose_threshold, expected_calibration_error  # noqa: F401 (choose_threshold re-exported)
 
 FORMAT = "vlm-xray-calibration/1"
 
 
 class CalibrationError(ValueError):
     """A calibration file is unreadable or does not belong to this model / label set."""
-
-
-# ----------------------------------------------------------------------------- thresholds
-
-def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "youden",
-                     target_sensitivity: float | None = None) -> dict:
-    """Operating threshold for binary targets `y` and probabilities `p` (positive when p >= t).
-
-    Returns {threshold, method, sensitivity, specificity, youden_j} as achieved on (y, p)."""
-    y = np.asarray(y).astype(bool)
-    p = np.asarray(p, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return {"threshold": 0.5, "method": "default 0.5 (no positive or no negative rows)",
-                "sensitivity": None, "specificity": None, "youden_j": None}
-    fpr, tpr, thr = roc_curve(y, p)
-    # the +inf start (call nothing positive) is stored as halfway between the top score and 1
-    thr = thr.copy()
-    thr[0] = min(1.0, (thr[1] + 1.0) / 2) if len(thr) > 1 else 1.0
-    if method == "youden":
-        j = tpr - fpr
-        # thresholds are descending: the first (near-)maximum is the highest threshold among ties, so a
-        # label no cut separates better than chance (max J = 0) is never called rather than always
-        i = int(np.argmax(j >= j.max() - 1e-9))
-        name = "youden" if j[i] > 1e-9 else "youden (no cut better than chance: nothing called positive)"
-        if i == 0:
-            return {"threshold": float(thr[0]), "method": name, "sensitivity": 0.0, "specificity": 1.0,
-                    "youden_j": 0.0}
-    elif method == "target_sensitivity":
-        if target_sensitivity is None or not 0 < target_sensitivity <= 1:
-            raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
-        i = int(np.argmax(tpr >= target_sensitivity - 1e-12))
-        name = f"target sensitivity {target_sensitivity:g}"
-        i = max(i, 1)  # target > 0: never the call-nothing cut
-    else:
-        raise ValueError(f"unknown threshold method {method!r} (youden, target_sensitivity)")
-    # halfway to the next lower observed score: the same calls on (y, p), robust to float noise
-    lower = thr[i + 1] if i + 1 < len(thr) else 0.0
-    return {"threshold": float((thr[i] + lower) / 2), "method": name, "sensitivity": float(tpr[i]),
-            "specificity": float(1 - fpr[i]), "youden_j": float(tpr[i] - fpr[i])}
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -194,11 +154,9 @@ def load_calibration(path, label_set, fingerprint: str | None = None) -> Calibra
     message if it is unreadable, or made for another label set (or, given `fingerprint`, model)."""
     p = Path(path)
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CalibrationError(f"{p}: calibration file not found") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"{p}: not a readable calibration file ({e})") from e
+        d = read_json(p, what="calibration file")
+    except FileFormatError as e:
+        raise CalibrationError(str(e)) from e
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise CalibrationError(f"{p}: not a vlm-xray calibration file (expected format {FORMAT!r}); "
                                f"create one with `vlm-xray calibrate`")
@@ -330,9 +288,7 @@ def fit_calibration(scorer, data, method: str = "youden", target_sensitivity: fl
 
 
 def write_calibration(payload: dict, path) -> None:
-    from .html import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+    atomic_write_json(Path(path), payload, indent=2)
 
 
 def summary_lines(payload: dict) -> list[str]:

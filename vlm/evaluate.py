@@ -1,6 +1,7 @@
 """Evaluation against labelled data: ROC AUC with bootstrap CIs, threshold metrics, calibration error.
 
-Pure, numpy-only metric functions first (importable by other tools, e.g. few-shot adaptation):
+The metric primitives (AUC, bootstrap, ECE, threshold metrics) live in `vlm.metrics`; this module
+combines them into the evaluation every tool reports (numpy-only, no model needed):
 
     evaluate_predictions(targets, probs, label_set, thresholds=0.5) -> dict
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -35,168 +35,25 @@ from typing import Sequence
 
 import numpy as np
 
+# the metric primitives and label handling live in vlm.metrics (re-exported here: `from vlm.evaluate
+# import roc_auc` keeps working)
+from .metrics import (  # noqa: F401
+    _label_info,
+    binary_metrics,
+    bootstrap_auc,
+    bootstrap_weights,
+    evaluation_classes,
+    expected_calibration_error,
+    merge_classes,
+    reliability_bins,
+    roc_auc,
+    roc_curve,
+)
+
 ECE_METHOD = "10 equal-width bins on [0,1] per label (last bin includes 1.0), weighted by bin size; mean over labels"
 
 
-# ----------------------------------------------------------------------------- primitives
-
-def roc_auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    """ROC AUC of scores `s` for binary targets `y` (ties count 1/2); None if a class is absent."""
-    auc = _weighted_auc(np.asarray(y), np.asarray(s, dtype=np.float64), np.ones((1, len(y))))[0]
-    return None if math.isnan(auc) else float(auc)
-
-
-def _weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUC for each row of weights `w` (B, N) (bootstrap multiplicities); NaN where undefined.
-
-    One sort, then cumulative sums of negative weight: O(B * N), no Python loop over resamples."""
-    y = np.asarray(y).astype(bool)
-    order = np.argsort(s, kind="mergesort")
-    ss, ys = s[order], y[order]
-    starts = np.searchsorted(ss, ss, side="left")
-    ends = np.searchsorted(ss, ss, side="right")
-    ws = w[:, order].astype(np.float64)
-    neg = ws * ~ys
-    pos = ws * ys
-    cum = np.concatenate([np.zeros((ws.shape[0], 1)), np.cumsum(neg, axis=1)], axis=1)
-    below = cum[:, starts]
-    tied = cum[:, ends] - below
-    num = (pos * (below + 0.5 * tied)).sum(1)
-    den = pos.sum(1) * neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-
-
-def bootstrap_weights(n: int, n_boot: int, seed: int = 0, groups: Sequence | None = None) -> np.ndarray:
-    """(n_boot, n) multiplicities of each row in each resample; whole groups are resampled if given."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float32)
-    _, idx = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    g = int(idx.max()) + 1
-    counts = rng.multinomial(g, np.full(g, 1.0 / g), size=n_boot).astype(np.float32)
-    return counts[:, idx]
-
-
-def bootstrap_auc(targets: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                  groups: Sequence | None = None, chunk: int = 250) -> np.ndarray:
-    """(n_boot, L) bootstrap AUCs (NaN where a resample lacks a class). Same resamples for all labels."""
-    n, n_labels = targets.shape
-    out = np.full((n_boot, n_labels), np.nan)
-    if n_boot <= 0 or n == 0:
-        return out[:0]
-    w_all = bootstrap_weights(n, n_boot, seed, groups)
-    for b0 in range(0, n_boot, chunk):
-        w = w_all[b0 : b0 + chunk]
-        for j in range(n_labels):
-            y = targets[:, j]
-            if y.min() == y.max():
-                continue
-            out[b0 : b0 + chunk, j] = _weighted_auc(y, probs[:, j].astype(np.float64), w)
-    return out
-
-
-def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), thresholds descending over the unique scores; starts at (0, 0) with +inf."""
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(s, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    ss, ys = s[order], y[order]
-    last = np.r_[np.where(np.diff(ss) != 0)[0], len(ss) - 1] if len(ss) else np.array([], int)
-    tp = np.cumsum(ys)[last]
-    fp = np.cumsum(~ys)[last]
-    n_pos, n_neg = max(int(ys.sum()), 1), max(int((~ys).sum()), 1)
-    return (np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, ss[last]])
-
-
-def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> list[dict]:
-    """Equal-width bins: per bin count, mean probability and observed frequency (None when empty)."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.asarray(p, dtype=np.float64)
-    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
-    out = []
-    for b in range(n_bins):
-        m = idx == b
-        n = int(m.sum())
-        out.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
-                    "mean_prob": float(p[m].mean()) if n else None,
-                    "frac_pos": float(y[m].mean()) if n else None})
-    return out
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float | None:
-    """ECE with `n_bins` equal-width bins: sum_b n_b/N * |mean(y_b) - mean(p_b)|; None for no rows."""
-    y = np.asarray(y, dtype=np.float64)
-    p = np.asarray(p, dtype=np.float64)
-    if len(y) == 0:
-        return None
-    idx = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
-    sy = np.bincount(idx, weights=y, minlength=n_bins)
-    sp = np.bincount(idx, weights=p, minlength=n_bins)
-    return float(np.abs(sy - sp).sum() / len(y))
-
-
-def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    """Confusion counts and sensitivity/specificity/precision/F1 at `p >= threshold` (None if undefined)."""
-    y = np.asarray(y).astype(bool)
-    pred = np.asarray(p) >= threshold
-    tp = int((pred & y).sum())
-    fp = int((pred & ~y).sum())
-    fn = int((~pred & y).sum())
-    tn = int((~pred & ~y).sum())
-
-    def div(a, b):
-        return a / b if b else None
-
-    sens, prec = div(tp, tp + fn), div(tp, tp + fp)
-    f1 = div(2 * tp, 2 * tp + fp + fn)
-    return {"threshold": float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn, "sensitivity": sens,
-            "specificity": div(tn, tn + fp), "precision": prec, "f1": f1}
-
-
-# ----------------------------------------------------------------------------- label handling
-
-def _label_info(label_set) -> tuple[list[str], bool, dict[str, tuple[str, ...]]]:
-    """(names, multilabel, groups) from a LabelSet or a plain list of names (multi-label)."""
-    if hasattr(label_set, "names"):
-        return list(label_set.names), bool(label_set.multilabel), dict(getattr(label_set, "groups", {}) or {})
-    return [str(n) for n in label_set], True, {}
-
-
-def evaluation_classes(label_set, targets: np.ndarray) -> list[tuple[str, list[int]]]:
-    """The evaluated classes as (name, member label indices).
-
-    Multi-label: one per label. Multi-class: one per label, except that the members of a group
-    that occur together in some row of `targets` (group-labelled rows) become one class named
-    after the group."""
-    names, multilabel, groups = _label_info(label_set)
-    if multilabel:
-        return [(n, [i]) for i, n in enumerate(names)]
-    targets = np.asarray(targets)
-    merged: dict[int, tuple[str, list[int]]] = {}
-    for g, members in groups.items():
-        idx = [names.index(m) for m in members if m in names]
-        if len(idx) > 1 and (targets[:, idx].sum(1) > 1).any():
-            for i in idx:
-                merged[i] = (g, idx)
-    out, seen = [], set()
-    for i, n in enumerate(names):
-        if i in merged:
-            g, idx = merged[i]
-            if g not in seen:
-                seen.add(g)
-                out.append((g, idx))
-        else:
-            out.append((n, [i]))
-    return out
-
-
-def merge_classes(classes, targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Targets (any member) and probabilities (sum of members) per evaluated class."""
-    t = np.stack([np.asarray(targets)[:, idx].max(1) for _, idx in classes], 1)
-    p = np.stack([np.asarray(probs)[:, idx].sum(1) for _, idx in classes], 1)
-    return t, np.clip(p, 0.0, 1.0)
-
+# ----------------------------------------------------------------------------- the evaluation
 
 def _thresholds_for(classes, names, thresholds) -> list[float]:
     if isinstance(thresholds, (int, float)):
@@ -216,8 +73,6 @@ def _thresholds_for(classes, names, thresholds) -> list[float]:
 def _r(x, digits=6):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
 
-
-# ----------------------------------------------------------------------------- the evaluation
 
 def evaluate_predictions(
     targets: np.ndarray,
@@ -460,13 +315,13 @@ def _label_thresholds(metrics: dict, names: list[str]) -> dict[str, float]:
 
 
 def write_outputs(metrics: dict, data, probs: np.ndarray, out_dir: Path, html: bool = True) -> None:
-    from .html import atomic_write_text
+    from .fileio import atomic_write_json, atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_free = {**metrics, "per_label": {k: {kk: vv for kk, vv in v.items() if kk not in ("roc", "reliability")}
                                           for k, v in metrics["per_label"].items()}}
     plot_free.pop("reliability_pooled", None)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(plot_free, indent=2) + "\n")
+    atomic_write_json(out_dir / "metrics.json", plot_free, indent=2)
     atomic_write_text(out_dir / "predictions.csv",
                       predictions_csv(data, probs, _label_thresholds(metrics, data.label_set.names)))
     if html:
@@ -532,8 +387,8 @@ def select_data(csv_path, label_set, mapping: str | None = None, split: str | No
                 where: Sequence[str] = (), group_split: str | None = None, seed: int = 0):
     """Load a labelled CSV and keep a subset: `split` (the CSV's split column), `where` filters
     ("column=value[,value...]", all must hold) and `group_split` "FRACTION:SIDE" (SIDE train|val: one
-    side of the patient-grouped `vlm.data.group_split` with `seed`). Returns (data, description)."""
-    from .data import DataError, group_split as _group_split, load_labelled_csv, load_mapping
+    side of the patient split `vlm.data.patient_split` with `seed`). Returns (data, description)."""
+    from .data import DataError, load_labelled_csv, load_mapping
 
     data = load_labelled_csv(csv_path, label_set, load_mapping(mapping), split=split)
     desc = [f"split={split}"] if split else []
@@ -557,8 +412,8 @@ def select_data(csv_path, label_set, mapping: str | None = None, split: str | No
             assert 0 < frac < 1 and side in ("train", "val")
         except (ValueError, AssertionError):
             raise DataError(f"--group-split {group_split!r}: expected FRACTION:SIDE, e.g. 0.5:train or 0.5:val")
-        tr, va = _group_split(data, frac, seed)
-        data = data.subset(tr if side == "train" else va)
+        train, val = data.split(frac, seed)
+        data = train if side == "train" else val
         if len(data) == 0:
             raise DataError(f"--group-split {group_split}: no rows on that side")
         desc.append(f"patient-grouped split {group_split} (seed {seed})")

@@ -1,4 +1,4 @@
-"""Shared HTML plumbing: one Jinja environment (autoescape on), offline plotly, atomic writes.
+"""Shared HTML plumbing: one Jinja environment (autoescape on), offline plotly.
 
 Reports must open in a browser with no network: plotly.js is either inlined once per page
 or written once per output folder as `assets/plotly.min.js` and referenced relatively.
@@ -7,13 +7,13 @@ Never a CDN.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import jinja2
+
+from .fileio import atomic_write_text  # noqa: F401 (re-exported: `from vlm.html import atomic_write_text`)
 
 PLOTLY_ASSET = "assets/plotly.min.js"
 
@@ -60,24 +60,3 @@ def figure_div(fig, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
                        config={"displaylogo": False, "responsive": True,
                                "toImageButtonOptions": {"format": "png", "filename": div_id}})
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get normal file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

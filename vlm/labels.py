@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from .fileio import FileFormatError, read_yaml
 
 MODES = ("multilabel", "multiclass")
 
@@ -221,12 +221,10 @@ def load_label_set(name_or_path: str | Path) -> LabelSet:
                 f"(or pass a path to a YAML file)"
             )
         path = available[str(name_or_path)]
-    if not path.is_file():
-        raise LabelSetError(f"{path}: label-set file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise LabelSetError(f"{path}: not valid YAML: {e}") from e
+        data = read_yaml(path, what="label-set file")
+    except FileFormatError as e:
+        raise LabelSetError(str(e)) from e
     if not isinstance(data, dict):
         raise LabelSetError(f"{path}: top level must be a mapping with keys name, mode, prompt_styles, labels")
     return parse_label_set(data, str(path))

@@ -39,22 +39,30 @@ class TextClassifier:
 
     def logits(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """emb (..., D) -> per style: (..., L, 2) for multilabel or (..., L) for multiclass."""
-        out = {}
-        for s in self.styles:
-            w = self.weights[s].to(emb.device, emb.dtype)
-            if self.label_set.multilabel:
-                out[s] = self.logit_scale * torch.einsum("...d,lkd->...lk", emb, w)
-            else:
-                out[s] = self.logit_scale * emb @ w.T
-        return out
+        return {s: prompt_logits(emb, self.weights[s].to(emb.device, emb.dtype), self.logit_scale,
+                                 self.label_set.multilabel) for s in self.styles}
 
     def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (..., D) -> probabilities (..., S, L): P(label) per style."""
-        per_style = []
-        for s, lg in self.logits(emb).items():
-            p = lg.softmax(-1)
-            per_style.append(p[..., 0] if self.label_set.multilabel else p)
+        per_style = [prompt_probabilities(lg, self.label_set.multilabel) for lg in self.logits(emb).values()]
         return torch.stack(per_style, dim=-2)
+
+
+def prompt_logits(emb: torch.Tensor, weight: torch.Tensor, logit_scale: float, multilabel: bool) -> torch.Tensor:
+    """emb (..., D) against one style's weights: (L, 2, D) -> (..., L, 2) multilabel; (L, D) -> (..., L).
+
+    The one arithmetic for prompt logits: adapter heads call it too, so an untrained head is zero-shot
+    bit for bit."""
+    if multilabel:
+        return logit_scale * torch.einsum("...d,lkd->...lk", emb, weight)
+    return logit_scale * emb @ weight.T
+
+
+def prompt_probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Prompt logits (..., L, 2) multilabel (P = softmax over positive vs negative) or (..., L)
+    multiclass (softmax over the classes) -> probabilities (..., L)."""
+    p = logits.softmax(-1)
+    return p[..., 0] if multilabel else p
 
 
 def ensemble(emb: torch.Tensor) -> torch.Tensor:

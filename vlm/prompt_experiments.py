@@ -16,18 +16,18 @@ import torch
 import yaml
 
 from .evaluate import cache_line, encode_dataset, evaluate_predictions, evaluation_classes
+from .fileio import FileFormatError, atomic_write_text, read_yaml
 from .labels import LabelSet, LabelSetError, PromptPair, parse_label_set
+from .prompt_classifier import build_prompt_classifier
 
 
 def load_prompt_file(base: LabelSet, path) -> dict[str, dict[str, PromptPair]]:
     """{'<stem>:<style>': {label: PromptPair}} from a prompt file for `base` (label names must exist)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise LabelSetError(f"{p}: prompt file not found") from e
-    except yaml.YAMLError as e:
-        raise LabelSetError(f"{p}: not valid YAML: {e}") from e
+        data = read_yaml(p, what="prompt file")
+    except FileFormatError as e:
+        raise LabelSetError(str(e)) from e
     if not isinstance(data, dict):
         raise LabelSetError(f"{p}: top level must be a mapping with keys name, prompt_styles, labels")
     data = {"name": base.name, "mode": base.mode, **data}
@@ -54,34 +54,14 @@ def load_prompt_file(base: LabelSet, path) -> dict[str, dict[str, PromptPair]]:
     return out
 
 
-def _ensemble(embs: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(embs.mean(0), dim=-1)
-
-
 def style_probabilities(backbone, label_set: LabelSet, table: dict[str, PromptPair], emb: torch.Tensor,
                         text_cache) -> np.ndarray:
     """(N, V, D) image embeddings -> (N, V, L) probabilities for one prompt style (NaN for labels the
-    style has no prompts for), computed exactly as `TextClassifier.probabilities`."""
-    names = label_set.names
-    texts = [t for pair in table.values() for t in (*pair.positive, *pair.negative)]
-    lookup = dict(zip(texts, text_cache.embed(backbone, texts))) if texts else {}
-    scale = backbone.logit_scale
-    n, v = emb.shape[:2]
-    out = np.full((n, v, len(names)), np.nan, dtype=np.float64)
+    style has no prompts for): the scorer's own prompt classifier, built from this one table."""
+    clf = build_prompt_classifier(label_set, {"style": table}, lambda texts: text_cache.embed(backbone, texts),
+                                  backbone.logit_scale)
     with torch.no_grad():
-        if label_set.multilabel:
-            for j, name in enumerate(names):
-                if name not in table:
-                    continue
-                pair = table[name]
-                w = torch.stack([_ensemble(torch.stack([lookup[t] for t in pair.positive])),
-                                 _ensemble(torch.stack([lookup[t] for t in pair.negative]))])
-                lg = scale * emb @ w.T  # (N, V, 2)
-                out[:, :, j] = lg.softmax(-1)[..., 0].double().numpy()
-        else:
-            w = torch.stack([_ensemble(torch.stack([lookup[t] for t in table[name].positive])) for name in names])
-            out[:] = (scale * emb @ w.T).softmax(-1).double().numpy()
-    return out
+        return clf.probabilities(emb)[..., 0, :].double().numpy()
 
 
 def compare_prompts(backbone, label_set: LabelSet, data, styles: list[str] | None = None,
@@ -265,8 +245,6 @@ def compare_html(result: dict, out_dir) -> str:
 
 def write_compare_outputs(result: dict, out_dir) -> None:
     import json
-
-    from .html import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -20,8 +21,11 @@ from pathlib import Path
 
 from markupsafe import Markup, escape
 
+from .fileio import FileFormatError, read_json
 from .html import environment, figure_div, plotly_js, render
 from .results import Finding, ImageResult
+
+logger = logging.getLogger(__name__)
 
 DISCLAIMER = ("Research software: automated zero-/few-shot image-text similarity scores, not a radiologist's "
               "reading. They must not be used for clinical decisions.")
@@ -99,10 +103,13 @@ def _load_metrics(source: str | None) -> dict | None:
     if f is None or not f.is_file():
         return None
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(f, what="model metrics file")
+    except FileFormatError as e:
+        # the report still renders (without measured numbers), but says why they are missing
+        logger.warning("model metrics not shown in the report: %s", e)
         return None
     if not isinstance(data, dict):
+        logger.warning("model metrics not shown in the report: %s is not a JSON object", f)
         return None
     keep = {}
     if isinstance(data.get("val"), dict):
@@ -395,7 +402,8 @@ def write_reports(results: list[ImageResult], backbone, html_out: str | Path | N
                   md_out: str | Path | None = None, clinical: str | None = None, single: bool = True) -> list[Path]:
     """`analyze --html/--markdown`: one image -> the given files (plotly.js inlined); several
     images -> the given folders, one `<image id>.html|.md` each (plotly.js once in `assets/`)."""
-    from .html import atomic_write_text, write_plotly_asset
+    from .fileio import atomic_write_text
+    from .html import write_plotly_asset
 
     model = model_info(backbone)
     written: list[Path] = []

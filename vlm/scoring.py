@@ -8,45 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import Image, ImageLoadError, load_image
+from .fileio import atomic_path
+from .images import ImageLoadError, load_image
 from .labels import LabelSet
 from .models import Backbone
+# the prompt classifier and the image transforms have their own modules; re-exported so that
+# `from vlm.scoring import text_classifier, model_transform` keeps working
+from .prompt_classifier import TextClassifier, text_classifier  # noqa: F401
 from .results import Finding, ImageFailure, ImageResult
 from .text_cache import TextEmbeddingCache, default_cache_dir
-from .variants import get_variant, resolve_variants
-
-
-# ----------------------------------------------------------------------------- images -> tensors
-
-def model_transform(pixels: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """Resize the short side to `size`, centre-crop, scale to [0,1], normalise: open_clip's
-    eval transform, done in OpenCV so it runs in DataLoader workers without PIL round-trips."""
-    h, w = pixels.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    img = cv2.resize(pixels, (nw, nh), interpolation=interp)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    img = img[top : top + size, left : left + size]
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (t - m) / s
-
-
-def variant_tensors(image: Image, variants: list[str], size: int, mean, std) -> torch.Tensor:
-    return torch.stack([model_transform(get_variant(v)(image.pixels), size, mean, std) for v in variants])
+from .transforms import model_transform, variant_tensors  # noqa: F401
+from .variants import resolve_variants
 
 
 class _VariantDataset(Dataset):
@@ -117,10 +98,8 @@ class ImageEmbeddingCache:
             except (OSError, ValueError):
                 existing = {}
         existing.update({v: e.astype(np.float32) for v, e in zip(variants, emb)})
-        fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, **existing)
-        os.replace(tmp, f)
+        with atomic_path(f) as tmp:
+            np.savez(tmp, **existing)
         self.misses += 1
 
 
@@ -224,73 +203,6 @@ def encode_images(
             from .images import safe_id
 
             yield EncodedImage(p, safe_id(p), torch.from_numpy(emb))
-
-
-# ----------------------------------------------------------------------------- prompts -> classifier
-
-@dataclass
-class TextClassifier:
-    """Ensembled prompt embeddings per style.
-
-    multilabel: weights[style] is (L, 2, D) = (positive, negative) per label.
-    multiclass: weights[style] is (L, D) = positive prompts per class.
-    """
-
-    label_set: LabelSet
-    styles: list[str]
-    weights: dict[str, torch.Tensor]
-    logit_scale: float
-
-    def logits(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """emb (..., D) -> per style: (..., L, 2) for multilabel or (..., L) for multiclass."""
-        out = {}
-        for s in self.styles:
-            w = self.weights[s].to(emb.device, emb.dtype)
-            if self.label_set.multilabel:
-                out[s] = self.logit_scale * torch.einsum("...d,lkd->...lk", emb, w)
-            else:
-                out[s] = self.logit_scale * emb @ w.T
-        return out
-
-    def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
-        """emb (..., D) -> probabilities (..., S, L): P(label) per style."""
-        per_style = []
-        for s, lg in self.logits(emb).items():
-            p = lg.softmax(-1)
-            per_style.append(p[..., 0] if self.label_set.multilabel else p)
-        return torch.stack(per_style, dim=-2)
-
-
-def _ensemble(emb: torch.Tensor) -> torch.Tensor:
-    """Mean of normalised prompt embeddings, re-normalised (CLIP's prompt ensembling)."""
-    return torch.nn.functional.normalize(emb.mean(0), dim=-1)
-
-
-def text_classifier(
-    backbone: Backbone,
-    label_set: LabelSet,
-    styles: list[str] | None = None,
-    cache: TextEmbeddingCache | None = None,
-) -> TextClassifier:
-    styles = label_set.styles(styles)
-    cache = cache or TextEmbeddingCache()
-    texts = []
-    for lab in label_set.labels:
-        for s in styles:
-            texts += list(lab.prompts[s].positive) + list(lab.prompts[s].negative)
-    table = dict(zip(texts, cache.embed(backbone, texts)))
-    weights = {}
-    for s in styles:
-        rows = []
-        for lab in label_set.labels:
-            pos = _ensemble(torch.stack([table[t] for t in lab.prompts[s].positive]))
-            if label_set.multilabel:
-                neg = _ensemble(torch.stack([table[t] for t in lab.prompts[s].negative]))
-                rows.append(torch.stack([pos, neg]))
-            else:
-                rows.append(pos)
-        weights[s] = torch.stack(rows)
-    return TextClassifier(label_set, styles, weights, backbone.logit_scale)
 
 
 # ----------------------------------------------------------------------------- embeddings -> findings

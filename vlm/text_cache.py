@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .fileio import atomic_path
 
 
 def default_cache_dir() -> Path:
@@ -53,11 +54,8 @@ class TextEmbeddingCache:
     def _save(self, fingerprint: str) -> None:
         if not self.enabled:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, **self._table(fingerprint))
-        os.replace(tmp, self._file(fingerprint))
+        with atomic_path(self._file(fingerprint)) as tmp:
+            np.savez(tmp, **self._table(fingerprint))
 
     @torch.no_grad()
     def embed(self, backbone, texts: list[str], batch_size: int = 64) -> torch.Tensor:

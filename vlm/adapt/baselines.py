@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from ..data import LabelledData
 from ..labels import LabelSet
+from ..metrics import auc_metrics, confident_gain
 from ..models import Backbone
-from ..scoring import text_classifier
+from ..prompt_classifier import prompt_probabilities, text_classifier
 from .heads import LinearProbeHead, PromptHead, TipAdapterHead
-from .metrics import auc_metrics, confident_gain
 
 LP_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
 TIP_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -198,9 +198,7 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
         for alpha in TIP_ALPHAS:
             if alpha == 0.0 and beta != TIP_BETAS[0]:
                 continue
-            lg = zs_logits + alpha * cache_lg
-            p = lg.softmax(-1)
-            p = (p[..., 0] if ml else p).mean(1).numpy()
+            p = prompt_probabilities(zs_logits + alpha * cache_lg, ml).mean(1).numpy()
             results[(alpha, beta)] = _score(qy, p, label_set)
             probs[(alpha, beta)] = p
     # ties go to the smaller alpha (closer to zero-shot), then the smaller beta

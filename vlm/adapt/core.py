@@ -14,7 +14,7 @@ from ..labels import LabelSet
 from ..models import Backbone
 from .io import load_adapter, read_adapter_meta, save_adapter
 from .lora import LoraSettings, LoraTargetError, detect_targets, find_candidates, train_lora, verify_targets
-from .metrics import auc_metrics
+from ..metrics import auc_metrics
 
 from . import METHODS
 

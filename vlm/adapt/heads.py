@@ -16,11 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _prompt_probs(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Per-style logits (..., S, L, 2) or (..., S, L) -> probabilities (..., S, L)."""
-    p = logits.softmax(-1)
-    return p[..., 0] if multilabel else p
+from ..prompt_classifier import prompt_logits, prompt_probabilities as _prompt_probs
 
 
 class PromptHead(nn.Module):
@@ -43,11 +39,8 @@ class PromptHead(nn.Module):
     def logits(self, emb: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D) -> (..., S, L, 2) multilabel or (..., S, L); `weight` overrides the stored one."""
         w = (self.weight if weight is None else weight).to(emb.dtype)
-        # the same arithmetic as TextClassifier.logits, so an untrained head is zero-shot exactly
-        if self.multilabel:
-            per = [self.scale * torch.einsum("...d,lkd->...lk", emb, w[i]) for i in range(w.shape[0])]
-        else:
-            per = [self.scale * emb @ w[i].T for i in range(w.shape[0])]
+        # TextClassifier's own arithmetic (prompt_logits), so an untrained head is zero-shot exactly
+        per = [prompt_logits(emb, w[i], self.scale, self.multilabel) for i in range(w.shape[0])]
         return torch.stack(per, dim=-3 if self.multilabel else -2)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
@@ -135,19 +128,22 @@ class TipAdapterHead(nn.Module):
                 "logit_scale": self.prompt.scale, "alpha": self.alpha, "beta": self.beta}
 
 
+# head type (as saved in head_config()["type"]) -> builder from (config, tensors); adding a head = one entry
+HEAD_BUILDERS = {
+    PromptHead.kind: lambda c, t: PromptHead(t["weight"], c["logit_scale"], bool(c["multilabel"]), c["styles"]),
+    LinearProbeHead.kind: lambda c, t: LinearProbeHead(t["weight0"], t["delta"], t["bias"], bool(c["multilabel"]),
+                                                       c["styles"]),
+    TipAdapterHead.kind: lambda c, t: TipAdapterHead(t["prompt.weight"], c["logit_scale"], bool(c["multilabel"]),
+                                                     c["styles"], t["keys"], t["values"], c["alpha"], c["beta"]),
+}
+
+
 def build_head(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild a head from its `head_config()` and saved state dict."""
     kind = config.get("type")
-    ml = bool(config["multilabel"])
-    if kind == "prompt":
-        head = PromptHead(tensors["weight"], config["logit_scale"], ml, config["styles"])
-    elif kind == "linear-probe":
-        head = LinearProbeHead(tensors["weight0"], tensors["delta"], tensors["bias"], ml, config["styles"])
-    elif kind == "tip-adapter":
-        head = TipAdapterHead(tensors["prompt.weight"], config["logit_scale"], ml, config["styles"],
-                              tensors["keys"], tensors["values"], config["alpha"], config["beta"])
-    else:
-        raise ValueError(f"unknown adapter head type {kind!r} (known: prompt, linear-probe, tip-adapter)")
+    if kind not in HEAD_BUILDERS:
+        raise ValueError(f"unknown adapter head type {kind!r} (known: {', '.join(HEAD_BUILDERS)})")
+    head = HEAD_BUILDERS[kind](config, tensors)
     head.load_state_dict(tensors, strict=True)
     for p in head.parameters():
         p.requires_grad_(False)

@@ -10,6 +10,9 @@
     metrics.json              evaluation metrics, when the run had evaluation data
     README.md                 generated model card
 
+`save_adapter` writes the folder as a whole (`vlm.fileio.atomic_dir`): a reader never sees a mix of an
+old and a new adapter, and a failed save leaves the previous adapter untouched. It replaces an existing
+adapter folder but refuses to overwrite a non-empty folder that is not one.
 `load_adapter` refuses a folder trained on another base model (fingerprints differ).
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..labels import LabelSet, parse_label_set
+from ..fileio import FileFormatError, atomic_dir, read_json, read_yaml
+from ..labels import LabelSet, LabelSetError, parse_label_set
 from ..models import Backbone, ModelLoadError
 from .heads import build_head
 
@@ -49,9 +53,9 @@ def _write_label_set(ls: LabelSet, target: Path) -> None:
     src = Path(ls.source) if ls.source else None
     if src is not None and src.is_file():
         try:
-            same = parse_label_set(yaml.safe_load(src.read_text(encoding="utf-8")), str(src)) == \
+            same = parse_label_set(read_yaml(src, what="label-set file"), str(src)) == \
                 dataclasses.replace(ls, source=str(src))
-        except Exception:  # noqa: BLE001 - fall back to writing what we hold
+        except (FileFormatError, LabelSetError):  # the source changed or broke: write what we hold
             same = False
         if same:
             shutil.copyfile(src, target)
@@ -81,9 +85,20 @@ def save_adapter(
     training: dict | None = None,
     metrics: dict | None = None,
 ) -> Path:
-    """Write an adapter folder; returns it. `lora_module` is the backbone module with LoRA layers."""
+    """Write an adapter folder as a whole; returns it. `lora_module` is the backbone module with LoRA layers."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter.json").is_file():
+        raise FileExistsError(f"{out} exists and is not an adapter folder (no adapter.json); choose a new or empty "
+                              f"folder for the adapter")
+    with atomic_dir(out) as tmp:
+        _write_adapter_files(tmp, out.name, base, label_set, head, info, lora_module, lora_config, extra_state,
+                             training, metrics)
+    return out
+
+
+def _write_adapter_files(out: Path, name: str, base: Backbone, label_set: LabelSet, head: torch.nn.Module,
+                         info: dict, lora_module, lora_config, extra_state, training, metrics) -> None:
+    """Every file of an adapter into the (new, empty) folder `out`; `name` is the adapter's folder name."""
     files = []
     if lora_module is not None:
         from peft import get_peft_model_state_dict
@@ -96,11 +111,6 @@ def save_adapter(
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_state.items()},
                       str(out / "layer_scale.safetensors"))
             files.append(out / "layer_scale.safetensors")
-        else:
-            (out / "layer_scale.safetensors").unlink(missing_ok=True)
-    else:
-        for stale in ("adapter_config.json", "adapter_model.safetensors"):
-            (out / stale).unlink(missing_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
     files.append(out / "head.safetensors")
     _write_label_set(label_set, out / "label_set.yaml")
@@ -109,7 +119,7 @@ def save_adapter(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": out.name,
+        "name": name,
         "method": info.get("method"),
         "adapter_hash": digest,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -131,7 +141,6 @@ def save_adapter(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n",
                                           encoding="utf-8")
     (out / "README.md").write_text(render_card(meta), encoding="utf-8")
-    return out
 
 
 def _json_default(o):
@@ -149,9 +158,10 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
         raise FileNotFoundError(f"adapter folder {d} not found")
     if not f.is_file():
         raise ValueError(f"{d} is not an adapter folder (no adapter.json); create one with `vlm-xray finetune`")
-    meta = json.loads(f.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{f}: not a vlm-xray adapter (format {meta.get('format')!r})")
+    meta = read_json(f, what="adapter description")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(f"{f}: not a vlm-xray adapter (format {fmt!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{f}: adapter format version {meta['format_version']} is newer than this vlm-xray "
                          f"reads ({FORMAT_VERSION}); upgrade vlm-xray")
@@ -176,10 +186,7 @@ def load_adapter(adapter_dir: str | Path, backbone: Backbone, label_set: LabelSe
             f"but the loaded model is {backbone.name!r} (fingerprint {backbone.fingerprint}). "
             f"Pass --model {want['name']} (or the checkpoint it was trained on).")
     ls_file = d / meta["label_set"].get("file", "label_set.yaml")
-    try:
-        adapter_ls = parse_label_set(yaml.safe_load(ls_file.read_text(encoding="utf-8")), str(ls_file))
-    except OSError as e:
-        raise ValueError(f"{d}: adapter label set {ls_file.name} unreadable ({e})") from e
+    adapter_ls = parse_label_set(read_yaml(ls_file, what="adapter label set"), str(ls_file))
     head = build_head(meta["head"], load_file(str(d / "head.safetensors"))).to(backbone.device)
     if meta.get("peft"):
         from peft import LoraConfig

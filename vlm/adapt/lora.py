@@ -30,11 +30,12 @@ from torch import nn
 from ..data import LabelledData
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
+from ..metrics import auc_metrics, confident_gain
 from ..models import Backbone
-from ..scoring import _ensemble, model_transform, text_classifier
+from ..prompt_classifier import build_prompt_classifier, text_classifier
+from ..transforms import model_tensors
 from ..variants import get_variant
 from .heads import PromptHead
-from .metrics import auc_metrics, confident_gain
 
 IMAGE_TOWERS = ("visual", "model.vision_model", "vision_model")
 TEXT_TOWERS = ("text", "model.text_model", "text_model", "transformer")  # transformer: open_clip CLIP's text
@@ -241,7 +242,7 @@ def augment(px: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _tensors(backbone: Backbone, pixels: list[np.ndarray]) -> torch.Tensor:
-    return torch.stack([model_transform(p, backbone.image_size, backbone.mean, backbone.std) for p in pixels])
+    return model_tensors(pixels, backbone.image_size, backbone.mean, backbone.std)
 
 
 # ----------------------------------------------------------------------------- training
@@ -281,28 +282,20 @@ class LoraResult:
 
 
 def prompt_weights(backbone: Backbone, module: nn.Module, label_set: LabelSet, styles: list[str]) -> torch.Tensor:
-    """Ensembled prompt embeddings (S, L[, 2], D) computed through `module`'s text tower, with grad."""
-    texts: list[str] = []
-    for lab in label_set.labels:
-        for s in styles:
-            texts += list(lab.prompts[s].positive) + list(lab.prompts[s].negative)
-    uniq = list(dict.fromkeys(texts))
-    dev = next(module.parameters()).device
-    tokens = backbone.tokenize(uniq)
-    tokens = {k: v.to(dev) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(dev)
-    emb = F.normalize(module.encode_text(tokens).float(), dim=-1)
-    table = {t: emb[i] for i, t in enumerate(uniq)}
-    out = []
-    for s in styles:
-        rows = []
-        for lab in label_set.labels:
-            pos = _ensemble(torch.stack([table[t] for t in lab.prompts[s].positive]))
-            if label_set.multilabel:
-                rows.append(torch.stack([pos, _ensemble(torch.stack([table[t] for t in lab.prompts[s].negative]))]))
-            else:
-                rows.append(pos)
-        out.append(torch.stack(rows))
-    return torch.stack(out)
+    """Ensembled prompt embeddings (S, L[, 2], D) computed through `module`'s text tower, with grad
+    (the one prompt-classifier builder, with this module as the text encoder)."""
+
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        uniq = list(dict.fromkeys(texts))  # each distinct prompt through the text tower once
+        dev = next(module.parameters()).device
+        tokens = backbone.tokenize(uniq)
+        tokens = {k: v.to(dev) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(dev)
+        emb = F.normalize(module.encode_text(tokens).float(), dim=-1)
+        row = {t: i for i, t in enumerate(uniq)}
+        return emb[[row[t] for t in texts]]
+
+    clf = build_prompt_classifier(label_set, styles, embed_texts, backbone.logit_scale)
+    return torch.stack([clf.weights[s] for s in clf.styles])
 
 
 def head_loss(head: PromptHead, emb: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None):

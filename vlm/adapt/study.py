@@ -2,7 +2,7 @@
 
 Protocol (written into the outputs):
 - held-out set: `eval_data`, or when it is absent / the same file, a patient-grouped split of
-  `data` (`vlm.data.group_split`, `eval_fraction` of patients); the training pool never shares
+  `data` (`vlm.data.patient_split`, `eval_fraction` of patients); the training pool never shares
   a patient or file with it;
 - per (method, K, seed): K shots per class from the pool (`sample_shots`, seed), plus a validation
   sample of max(K, val_shots) per class from the rest of the pool (other patients) used for LoRA
@@ -24,15 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import LabelledData, group_split, sample_shots
+from ..data import LabelledData, patient_split, sample_shots
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
 from ..models import Backbone
-from ..scoring import ImageEmbeddingCache, text_classifier, variant_tensors
+from ..prompt_classifier import text_classifier
+from ..scoring import ImageEmbeddingCache
+from ..transforms import variant_tensors
 from .core import exclude_groups
 from .heads import PromptHead
 from .lora import LoraSettings, encode_tensors, train_lora
-from .metrics import auc_metrics
+from ..metrics import auc_metrics
 
 
 def _stratified_cap(data: LabelledData, n: int, seed: int = 0) -> LabelledData:
@@ -95,7 +97,7 @@ def run_study(
     if holdout == "pretrain-val":
         pool, held, split = pretrain_val_split(backbone, data)
     elif eval_data is None:
-        tr_idx, ev_idx = group_split(data, eval_fraction, seed=0)
+        tr_idx, ev_idx = patient_split(data.groups, eval_fraction, seed=0)
         pool, held = data.subset(tr_idx), data.subset(ev_idx)
         split = f"patient-grouped split of {data.csv_path} ({eval_fraction:.0%} of patients held out, seed 0)"
     else:
@@ -165,20 +167,14 @@ def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[Labelled
     """(pool, held-out, description) where held-out = the rows the base model held out for validation
     when `vlm-xray pretrain` trained it (same seeded hash of `<csv folder>/<patient or filename>`),
     i.e. images it never trained on; read from the model folder's metrics.json."""
-    import hashlib
-
     f = Path(backbone.source) / "metrics.json"
     if not f.is_file():
         raise ValueError(f"--holdout pretrain-val needs the base model's metrics.json (from vlm-xray pretrain); "
                          f"{f} not found")
     cfg = json.loads(f.read_text()).get("config", {})
     seed, frac = int(cfg.get("seed", 0)), float(cfg.get("val_fraction", 0.15))
-    folder = Path(data.csv_path).parent.name
-    val = [int(hashlib.sha256(f"{seed}:{folder}/{g}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
-           for g in data.groups]
-    held = [i for i, v in enumerate(val) if v]
-    pool = [i for i, v in enumerate(val) if not v]
-    if not held:
+    pool, held = patient_split(data.groups, frac, seed)  # groups are "<csv folder>/<patient>", as in pretraining
+    if not len(held):
         raise ValueError(f"no rows of {data.csv_path} are in {backbone.name}'s pre-training validation split")
     return data.subset(pool), data.subset(held), (
         f"{backbone.name}'s pre-training validation split of {data.csv_path} (seed {seed}, {frac:.0%} of patients; "
@@ -235,7 +231,8 @@ def _csv(rows: list[dict]) -> str:
 
 
 def write_outputs(out: Path, rows, summary, meta, label_set) -> None:
-    from ..html import atomic_write_text, figure_div, render, write_plotly_asset
+    from ..fileio import atomic_write_text
+    from ..html import figure_div, render, write_plotly_asset
 
     atomic_write_text(out / "results.csv", _csv(rows))
     atomic_write_text(out / "summary.csv", _csv(summary))
