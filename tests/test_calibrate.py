@@ -105,8 +105,8 @@ def test_scorer_uses_calibration_and_its_thresholds(calibrated, openclip_dir, im
     raw = scorer.classifier.logits(emb)
     expected = torch.stack([torch.sigmoid(torch.as_tensor(cal.scale) * (lg[..., 0] - lg[..., 1])
                                           + torch.as_tensor(cal.offset)) for lg in raw.values()], -2)
-    scorer.calibration = cal
-    assert torch.allclose(scorer.probabilities(emb), expected, atol=1e-6)
+    calibrated_scorer = Scorer(backbone, ls, variants="original,clahe", calibration=cal)
+    assert torch.allclose(calibrated_scorer.probabilities(emb), expected, atol=1e-6)
     # analyze: no --threshold -> per-label thresholds of the calibration; --threshold overrides
     img = str(image_dir / "grey8.png")
     args = ["analyze", img, "--model", str(openclip_dir), "--variants", "original,clahe", "--json", "-"]
@@ -171,8 +171,7 @@ def test_multiclass_calibration_roundtrip(openclip_dir, tmp_path):
     d = json.loads(out.read_text())
     assert d["mode"] == "multiclass" and d["temperature"] > 0
     cal = load_calibration(out, load_label_set("chest4"))
-    s = Scorer(load_model(str(openclip_dir)), load_label_set("chest4"), variants="original")
-    s.calibration = cal
+    s = Scorer(load_model(str(openclip_dir)), load_label_set("chest4"), variants="original", calibration=cal)
     p = s.probabilities(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1))
     assert p.shape == (3, 2, 4) and torch.allclose(p.sum(-1), torch.ones(3, 2), atol=1e-5)
 

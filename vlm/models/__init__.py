@@ -8,7 +8,6 @@ replaced by random weights.
 """
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -16,18 +15,11 @@ from pathlib import Path
 import yaml
 
 from .base import Backbone, ModelLoadError, file_fingerprint, state_dict_fingerprint
-from .layouts import (
-    build_open_clip,
-    load_hf_clip_dir,
-    load_open_clip_dir,
-    load_open_clip_pretrained,
-    load_openai_file,
-    load_safetensors_file,
-)
+from .layouts import LAYOUTS, build_open_clip, load_open_clip_dir, load_open_clip_pretrained, load_openai_file, load_path
 
 DEFAULT_MODEL = "vlm-xray-starter"
 
-__all__ = ["Backbone", "ModelLoadError", "DEFAULT_MODEL", "load_model", "list_models", "model_registry",
+__all__ = ["Backbone", "ModelLoadError", "DEFAULT_MODEL", "LAYOUTS", "load_model", "list_models", "model_registry",
            "build_open_clip", "file_fingerprint", "state_dict_fingerprint", "bundled_dir"]
 
 
@@ -38,34 +30,6 @@ def bundled_dir() -> Path:
 def model_registry() -> dict[str, dict]:
     reg = yaml.safe_load((Path(str(resources.files("vlm.models"))) / "registry.yaml").read_text())
     return reg
-
-
-def _local_folder_loader(path: Path):
-    if (path / "open_clip_config.json").is_file():
-        return load_open_clip_dir
-    cfg = path / "config.json"
-    if cfg.is_file():
-        model_type = json.loads(cfg.read_text()).get("model_type")
-        if model_type == "clip":
-            return load_hf_clip_dir
-        raise ModelLoadError(f"{path}: config.json says model_type={model_type!r}; only CLIP folders "
-                             f"(model_type 'clip') or open_clip folders (open_clip_config.json) are supported")
-    return None
-
-
-def _load_path(path: Path, name: str) -> Backbone:
-    if path.is_dir():
-        loader = _local_folder_loader(path)
-        if loader is None:
-            raise ModelLoadError(
-                f"model folder {path} has neither open_clip_config.json (open_clip layout) nor config.json "
-                f"(Hugging Face CLIPModel layout)")
-        return loader(path, name)
-    if path.suffix == ".safetensors":
-        return load_safetensors_file(path, name)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return load_openai_file(path, name)
-    raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a folder, .pt/.pth/.bin or .safetensors")
 
 
 def _registry_status(entry: dict) -> str:
@@ -91,33 +55,43 @@ def list_models() -> list[dict]:
             for k, v in model_registry().items()]
 
 
+def _load_bundled(name: str, entry: dict) -> Backbone:
+    path = bundled_dir().parent / entry["path"]
+    if not (path / "open_clip_config.json").is_file():
+        raise ModelLoadError(
+            f"bundled model {name!r} is not in this installation (looked in {path}). "
+            f"Reinstall vlm-xray, or train it with `vlm-xray pretrain` and pass --model PATH.")
+    return load_open_clip_dir(path, name)
+
+
+def _load_hub(name: str, entry: dict) -> Backbone:
+    return load_open_clip_pretrained(entry["id"], entry.get("pretrained"), name)
+
+
+def _load_user_file(name: str, entry: dict) -> Backbone:
+    found = _file_candidates(entry, existing_only=True)
+    if not found:
+        looked = ", ".join(str(c) for c in _file_candidates(entry)) or "(nowhere)"
+        raise ModelLoadError(f"model {name!r}: checkpoint not found (looked in: {looked}). {entry.get('how', '')}")
+    return load_openai_file(found[0], name)
+
+
+# registry.yaml `kind` -> loader of that kind of entry
+REGISTRY_KINDS = {"bundled": _load_bundled, "open_clip": _load_hub, "file": _load_user_file}
+
+
 def load_model(name_or_path: str | None = None, device: str = "cpu") -> Backbone:
     spec = name_or_path or DEFAULT_MODEL
     reg = model_registry()
     if spec in reg:
-        entry = reg[spec]
-        kind = entry["kind"]
-        if kind == "bundled":
-            path = bundled_dir().parent / entry["path"]
-            if not (path / "open_clip_config.json").is_file():
-                raise ModelLoadError(
-                    f"bundled model {spec!r} is not in this installation (looked in {path}). "
-                    f"Reinstall vlm-xray, or train it with `vlm-xray pretrain` and pass --model PATH.")
-            backbone = load_open_clip_dir(path, spec)
-        elif kind == "open_clip":
-            backbone = load_open_clip_pretrained(entry["id"], entry.get("pretrained"), spec)
-        elif kind == "file":
-            found = _file_candidates(entry, existing_only=True)
-            if not found:
-                looked = ", ".join(str(c) for c in _file_candidates(entry)) or "(nowhere)"
-                raise ModelLoadError(f"model {spec!r}: checkpoint not found (looked in: {looked}). {entry.get('how', '')}")
-            backbone = load_openai_file(found[0], spec)
-        else:
+        kind = reg[spec]["kind"]
+        if kind not in REGISTRY_KINDS:
             raise ModelLoadError(f"registry entry {spec!r} has unknown kind {kind!r}")
+        backbone = REGISTRY_KINDS[kind](spec, reg[spec])
     elif spec.startswith("hf-hub:"):
         backbone = load_open_clip_pretrained(spec, None, spec)
     elif Path(spec).expanduser().exists():
-        backbone = _load_path(Path(spec).expanduser(), Path(spec).name)
+        backbone = load_path(Path(spec).expanduser(), Path(spec).name)
     elif ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
         arch, tag = spec.split(":", 1)
         backbone = load_open_clip_pretrained(arch, tag, spec)

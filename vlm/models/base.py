@@ -37,6 +37,14 @@ class Backbone:
     layout: str = ""  # which loader read it
     card: str | None = None  # model card markdown, when the checkpoint ships one
     info: dict = field(default_factory=dict)
+    # Side files a model folder ships beside its weights, read once by the factory:
+    # metrics.json (training/validation record) and calibration-LABELSET.json files.
+    metrics: dict | None = None
+    calibrations: dict[str, Path] = field(default_factory=dict)  # label-set name -> calibration file
+
+    def calibration_for(self, label_set_name: str) -> Path | None:
+        """The calibration this model ships for a label set (fitted on data it was trained with), if any."""
+        return self.calibrations.get(label_set_name)
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +73,24 @@ class Backbone:
             tokens = tokens.to(self.device)
         feats = self.module.encode_text(tokens)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def read_side_files(folder: Path) -> dict:
+    """card, metrics and shipped calibrations of a model folder (each optional)."""
+    import json
+
+    card = folder / "README.md"
+    metrics = folder / "metrics.json"
+    try:
+        metrics_data = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{metrics}: unreadable model metrics ({e}); remove or repair the file") from e
+    return {
+        "card": card.read_text(encoding="utf-8") if card.is_file() else None,
+        "metrics": metrics_data,
+        "calibrations": {f.name[len("calibration-"):-len(".json")]: f
+                         for f in sorted(folder.glob("calibration-*.json"))},
+    }
 
 
 def file_fingerprint(*paths: str | Path, extra: str = "") -> str:

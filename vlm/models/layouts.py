@@ -19,7 +19,51 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import OPENAI_MEAN, OPENAI_STD, Backbone, ModelLoadError, file_fingerprint
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import OPENAI_MEAN, OPENAI_STD, Backbone, ModelLoadError, file_fingerprint, read_side_files
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout: `detect(path)` says whether a file or folder is in it; `load(path, name)`
+    reads it into a `Backbone`."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, str | None], Backbone]
+
+
+# Checked in registration order; the first layout whose detect() is true loads the path.
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(name: str, detect: Callable[[Path], bool]):
+    """Decorator: adding a checkpoint layout is adding one loader function."""
+
+    def deco(load):
+        LAYOUTS[name] = Layout(name, detect, load)
+        return load
+
+    return deco
+
+
+def find_layout(path: Path) -> Layout:
+    for layout in LAYOUTS.values():
+        if layout.detect(path):
+            return layout
+    if path.is_dir():
+        raise ModelLoadError(
+            f"model folder {path} has neither open_clip_config.json (open_clip layout) nor config.json "
+            f"(Hugging Face CLIPModel layout)")
+    raise ModelLoadError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a folder, .pt/.pth/.bin "
+                         f"or .safetensors")
+
+
+def load_path(path: Path, name: str | None = None) -> Backbone:
+    """Load a checkpoint file or folder in whichever registered layout it is."""
+    return find_layout(path).load(path, name)
 
 # HF text models that a pip package ships locally, so the starter loads with no network.
 def resolve_text_model(name: str) -> str:
@@ -121,6 +165,35 @@ def _image_size(vision_cfg: dict, preprocess_cfg: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
+def _folder_with(path: Path, config_name: str) -> Path | None:
+    """`path` itself, or the folder of a weights file, when it holds `config_name`."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.suffix != ".safetensors":
+        return None
+    return folder if (folder / config_name).is_file() else None
+
+
+def _is_hf_clip(path: Path) -> bool:
+    folder = _folder_with(path, "config.json")
+    if folder is None:
+        return False
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "clip" and path.is_dir():
+        raise ModelLoadError(f"{path}: config.json says model_type={model_type!r}; only CLIP folders "
+                             f"(model_type 'clip') or open_clip folders (open_clip_config.json) are supported")
+    return model_type == "clip"
+
+
+@register_layout("open_clip folder", lambda p: _folder_with(p, "open_clip_config.json") is not None)
+def _open_clip_layout(path: Path, name: str | None = None) -> Backbone:
+    return load_open_clip_dir(_folder_with(path, "open_clip_config.json"), name)
+
+
+@register_layout("Hugging Face CLIPModel folder", _is_hf_clip)
+def _hf_clip_layout(path: Path, name: str | None = None) -> Backbone:
+    return load_hf_clip_dir(_folder_with(path, "config.json"), name)
+
+
 def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
     cfg_path = path / "open_clip_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -156,7 +229,6 @@ def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
     if hf_text and not text_in_file:
         text_dir = Path(resolve_text_model(model_cfg["text_cfg"]["hf_model_name"]))
         extra_files = [f for f in (text_dir / "model.safetensors",) if f.is_file()]
-    card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").is_file() else None
     return Backbone(
         name=name or path.name,
         module=model,
@@ -167,8 +239,8 @@ def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
         fingerprint=file_fingerprint(cfg_path, weights[0], *extra_files),
         source=str(path),
         layout="open_clip folder",
-        card=card,
         info={"model_cfg": model_cfg},
+        **read_side_files(path),
     )
 
 
@@ -202,6 +274,8 @@ def backbone_from_openai_state_dict(sd: dict, path: Path, name: str, layout: str
     )
 
 
+@register_layout("OpenAI/CheXzero state dict",
+                 lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
 def load_openai_file(path: Path, name: str | None = None) -> Backbone:
     try:
         sd = _load_state_dict(path)
@@ -273,16 +347,12 @@ def load_hf_clip_dir(path: Path, name: str | None = None) -> Backbone:
         fingerprint=file_fingerprint(path / "config.json", path / weights[0]),
         source=str(path),
         layout="Hugging Face CLIPModel folder",
-        card=(path / "README.md").read_text(encoding="utf-8") if (path / "README.md").is_file() else None,
+        **read_side_files(path),
     )
 
 
+@register_layout("OpenAI-layout safetensors", lambda p: p.is_file() and p.suffix == ".safetensors")
 def load_safetensors_file(path: Path, name: str | None = None) -> Backbone:
-    if (path.parent / "open_clip_config.json").is_file():
-        return load_open_clip_dir(path.parent, name)
-    if (path.parent / "config.json").is_file() and json.loads((path.parent / "config.json").read_text()).get(
-            "model_type") == "clip":
-        return load_hf_clip_dir(path.parent, name)
     sd = _load_state_dict(path)
     if is_openai_state_dict(sd):
         return backbone_from_openai_state_dict(sd, path, name or path.stem, "OpenAI-layout safetensors")

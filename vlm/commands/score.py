@@ -1,0 +1,124 @@
+"""`vlm-xray analyze` and `vlm-xray batch`: score images and write tables, JSON and reports."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import UserError, default_out_dir, friendly_errors, scorer_from_options, scorer_options, threshold_option
+
+
+def format_table(result) -> str:
+    lines = [f"{result.image}  (model {result.model}, labels {result.label_set}, "
+             f"{len(result.variants)} variants x {len(result.prompt_styles)} prompt styles)"]
+    width = max(len(f.display or f.label) for f in result.findings)
+    lines.append(f"  {'finding':<{width}}  {'prob':>6}  {'+/-':>6}  {'thr':>5}  call")
+    for f in sorted(result.findings, key=lambda f: -f.probability):
+        call = "POSITIVE" if f.positive else "-"
+        lines.append(f"  {(f.display or f.label):<{width}}  {f.probability:6.3f}  {f.uncertainty:6.3f}  "
+                     f"{f.threshold:5.2f}  {call}")
+    return "\n".join(lines)
+
+
+def _write_json(results, json_out: str, single: bool) -> None:
+    from ..fileio import atomic_write_text
+    from ..results import to_json
+
+    payload = [r.to_dict() for r in results]
+    text = to_json(payload[0] if single and payload else payload)
+    if json_out == "-":
+        click.echo(text)
+    else:
+        atomic_write_text(json_out, text + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True)
+@scorer_options
+@threshold_option()
+@click.option("--json", "json_out", default=None, metavar="PATH|-",
+              help="Write results as JSON (one object per image, a list for several); '-' for stdout.")
+@click.option("--html", "html_out", default=None, metavar="PATH",
+              help="Write a structured HTML report (offline charts). Several images: PATH is a folder "
+                   "(or use `vlm-xray batch`).")
+@click.option("--markdown", "md_out", default=None, metavar="PATH",
+              help="Write the report as Markdown. Several images: PATH is a folder.")
+@click.option("--clinical", default=None, metavar="TEXT", help="Clinical information shown in the report.")
+@friendly_errors
+def analyze(images, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, threshold,
+            json_out, html_out, md_out, clinical):
+    """Score IMAGES (files, folders or globs; PNG, JPEG, 8/16-bit, RGB(A), DICOM).
+
+    Prints, per image, each finding's probability (mean over preprocessing variants x prompt
+    styles), its uncertainty (standard deviation over the same), and whether it reaches
+    --threshold. Unreadable files are reported on stderr and the others still scored (exit 1).
+    """
+    from ..images import find_images
+    from ..results import ImageFailure
+
+    paths = find_images(list(images))
+    if not paths:
+        raise UserError(f"no images found in: {' '.join(images)}")
+    for opt, target in (("--html", html_out), ("--markdown", md_out)):
+        if target and len(paths) > 1 and (Path(target).suffix or Path(target).is_file()):
+            raise UserError(f"{opt} {target}: with several images {opt} takes a folder; "
+                            "or use `vlm-xray batch IMAGES --out DIR` for reports with an index")
+    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration)
+    results, failures = [], []
+    for out in scorer.score(paths, threshold, progress=len(paths) > 8):
+        if isinstance(out, ImageFailure):
+            failures.append(out)
+            click.echo(f"error: {out.image}: {out.reason}", err=True)
+        else:
+            results.append(out)
+            if json_out != "-":
+                click.echo(format_table(out))
+    if json_out:
+        _write_json(results, json_out, single=len(paths) == 1)
+    if (html_out or md_out) and results:
+        from ..report import write_reports
+
+        for written in write_reports(results, scorer.backbone, html_out, md_out, clinical, single=len(paths) == 1):
+            click.echo(f"wrote {written}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@scorer_options
+@click.option("--out", "-o", "out_dir", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="Output folder: index.html, reports/, findings.csv/json, errors.csv. "
+                   "Default: reports/<name of the first input>/.")
+@threshold_option()
+@click.option("--clinical", default=None, metavar="TEXT", help="Clinical information shown in every report.")
+@click.option("--chunk-size", default=32, show_default=True, type=click.IntRange(1),
+              help="Images scored per chunk; reports are written after each chunk.")
+@friendly_errors
+def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, out_dir,
+          threshold, clinical, chunk_size):
+    """Score INPUTS (files, folders, globs, or a .csv list with a `filename` column relative to it)
+    and write a report per image plus a sortable index to --out DIR.
+
+    Re-running the same command resumes: images already reported with the same model, labels,
+    variants, styles and threshold are not scored again. Exit code 1 if some inputs failed
+    (listed in DIR/errors.csv).
+    """
+    from ..batch import collect_inputs, run_batch
+
+    if not collect_inputs(inputs):
+        raise UserError(f"no images found in: {' '.join(inputs)}")
+    out_dir = out_dir or default_out_dir(inputs)
+    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration)
+    try:
+        summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished reports are kept - run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(str(summary))
+    for f in summary.failed:
+        click.echo(f"error: {f.image}: {f.reason}", err=True)
+    if summary.failed:
+        sys.exit(1)
