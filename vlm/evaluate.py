@@ -257,13 +257,10 @@ def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: i
     probs, ok, failures = score_dataset(scorer, data, progress)
     if len(ok) == 0:
         raise ValueError(f"{data.csv_path}: none of the {len(data)} images could be read")
-    cal = getattr(scorer, "calibration", None)
-    if threshold is not None:
-        thresholds, thr_source = float(threshold), f"--threshold {threshold}"
-    elif cal is not None:
-        thresholds, thr_source = dict(cal.thresholds), f"per-label thresholds from calibration {cal.source}"
-    else:
-        thresholds, thr_source = 0.5, "default 0.5"
+    thresholds = scorer.thresholds(threshold)
+    thr_source = (f"--threshold {threshold}" if threshold is not None else
+                  f"per-label thresholds from calibration {scorer.calibration.source}" if isinstance(thresholds, dict)
+                  else f"default {thresholds}")
     sub = data.subset(ok)
     has_patients = any((r.get("patient") or "").strip() for r in sub.rows) if sub.rows else False
     metrics = evaluate_predictions(sub.targets, probs, data.label_set, thresholds,
@@ -276,7 +273,7 @@ def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: i
         "model": scorer.backbone.name,
         "model_fingerprint": scorer.backbone.fingerprint,
         "adapter": getattr(scorer, "adapter_name", None),
-        "calibration": getattr(cal, "source", None),
+        "calibration": getattr(scorer.calibration, "source", None),
         "variants": list(scorer.variants),
         "prompt_styles": list(scorer.styles),
         "threshold_source": thr_source,

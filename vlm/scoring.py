@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .fileio import atomic_path
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, LoadOptions, load_image
 from .labels import LabelSet
 from .models import Backbone
 # the prompt classifier and the image transforms have their own modules; re-exported so that
@@ -31,8 +31,10 @@ from .variants import resolve_variants
 
 
 class _VariantDataset(Dataset):
-    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std):
+    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std,
+                 load_options: LoadOptions | None = None):
         self.paths, self.variants, self.size, self.mean, self.std = paths, variants, size, mean, std
+        self.load_options = load_options
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -40,9 +42,9 @@ class _VariantDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            image = load_image(path)
+            image = load_image(path, self.load_options)
             x = variant_tensors(image, self.variants, self.size, self.mean, self.std)
-            meta = {"path": path, "id": image.id, "view": image.view, "size": image.size}
+            meta = {"path": path, "id": image.id, "view": image.view, "size": image.size, "info": image.result_info()}
             return meta, x, None
         except ImageLoadError as e:
             return {"path": path}, None, e.reason
@@ -110,6 +112,7 @@ class EncodedImage:
     embeddings: torch.Tensor  # (V, D), L2-normalised
     view: str | None = None
     size: tuple[int, int] | None = None
+    info: dict = field(default_factory=dict)  # Image.result_info(): input warnings, laterality, body part
 
 
 def _autocast(device: torch.device):
@@ -134,6 +137,7 @@ def encode_images(
     num_workers: int | None = None,
     cache: ImageEmbeddingCache | None = None,
     progress: bool = False,
+    load_options: LoadOptions | None = None,
 ) -> Iterator[EncodedImage | ImageFailure]:
     """Yield one `EncodedImage` (or `ImageFailure`) per path, in input order.
 
@@ -167,7 +171,7 @@ def encode_images(
     if todo:
         workers = default_workers(len(todo)) if num_workers is None else num_workers
         loader = DataLoader(
-            _VariantDataset(todo, variants, backbone.image_size, backbone.mean, backbone.std),
+            _VariantDataset(todo, variants, backbone.image_size, backbone.mean, backbone.std, load_options),
             batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
             persistent_workers=False, prefetch_factor=2 if workers else None,
         )
@@ -183,7 +187,7 @@ def encode_images(
                     emb = backbone.encode_images(x).float().cpu()
                 emb = emb.view(len(good), n_variants, -1)
                 for (meta, _), e in zip(good, emb):
-                    computed[meta["path"]] = EncodedImage(meta["path"], meta["id"], e, meta["view"], meta["size"])
+                    computed[meta["path"]] = EncodedImage(meta["path"], meta["id"], e, meta["view"], meta["size"], meta["info"])
                     if cache is not None:
                         try:
                             cache.put(backbone.fingerprint, file_digest(meta["path"]), variants, e.numpy())
@@ -234,9 +238,17 @@ def summarise(
     return findings, per_variant
 
 
+DEFAULT_THRESHOLD = 0.5
+
+
 class Scorer:
     """Score images against a label set: the `score` step that analyze, batch, eval,
-    prompt experiments and adapters all consume."""
+    prompt experiments and adapters all consume.
+
+    What a scorer is — model, label set, prompt styles, variants, adapter head, calibration —
+    is fixed when it is built (`vlm.load_scorer` builds one from names and paths). It owns the
+    one threshold rule (`thresholds`).
+    """
 
     def __init__(
         self,
@@ -249,8 +261,14 @@ class Scorer:
         text_cache: TextEmbeddingCache | None = None,
         image_cache: ImageEmbeddingCache | None = None,
         head=None,
+        adapter_name: str | None = None,
+        calibration=None,
+        load_options: LoadOptions | None = None,
     ):
         self.backbone = backbone
+        # how inputs are read (DICOM window, pixel limit, PHI); the label set's modality lets the loader
+        # flag views and body parts that do not fit it
+        self.load_options = replace(load_options or LoadOptions(), label_modality=label_set.modality or None)
         self.label_set = label_set
         self.styles = label_set.styles(prompt_styles)
         self.variants = resolve_variants(variants)
@@ -265,8 +283,23 @@ class Scorer:
             # the head's S axis names its own "styles" (e.g. the prompt styles it was built from,
             # or ["linear-probe"]), so per_variant and prompt_styles in results stay consistent
             self.styles = list(head.styles)
-        self.adapter_name: str | None = None
-        self.calibration = None
+        self.adapter_name = adapter_name
+        self.calibration = calibration
+        if calibration is not None:
+            calibration.check_compatible(self)  # refuses another model's calibration, or one with a head
+
+    def thresholds(self, threshold: float | dict[str, float] | None = None) -> float | dict[str, float]:
+        """The one threshold rule: an explicit threshold, else the calibration's per-label
+        thresholds, else 0.5."""
+        if isinstance(threshold, dict):
+            return threshold  # already per-label (resolved by an earlier call)
+        if threshold is not None:
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+            return float(threshold)
+        if self.calibration is not None:
+            return dict(self.calibration.thresholds)
+        return DEFAULT_THRESHOLD
 
     def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (V, D) -> (V, S, L)."""
@@ -278,29 +311,31 @@ class Scorer:
 
     def encode(self, paths: Iterable[str | Path], progress: bool = False):
         return encode_images(self.backbone, paths, self.variants, self.batch_size, self.num_workers,
-                             self.image_cache, progress)
+                             self.image_cache, progress, self.load_options)
 
-    def result(self, enc: EncodedImage, threshold: float | dict[str, float]) -> ImageResult:
+    def result(self, enc: EncodedImage, threshold: float | dict[str, float] | None = None) -> ImageResult:
+        thr = threshold if isinstance(threshold, dict) else self.thresholds(threshold)
         probs = self.probabilities(enc.embeddings.to(self.backbone.device)).cpu()
-        if isinstance(threshold, (int, float)) and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        findings, per_variant = summarise(probs, self.label_set, self.variants, self.styles, threshold)
+        findings, per_variant = summarise(probs, self.label_set, self.variants, self.styles, thr)
         return ImageResult(
             image=enc.path, image_id=enc.id, model=self.backbone.name, label_set=self.label_set.name,
-            threshold=float(threshold) if isinstance(threshold, (int, float)) else None,
+            threshold=None if isinstance(thr, dict) else thr,
             variants=self.variants, prompt_styles=self.styles, findings=findings, per_variant=per_variant,
             view=enc.view, size=enc.size, adapter=self.adapter_name,
             calibration=getattr(self.calibration, "source", None),
+            input_warnings=list(enc.info.get("input_warnings", [])),
+            extra={k: v for k, v in enc.info.items() if k != "input_warnings"},
         )
 
-    def score(self, paths: Iterable[str | Path], threshold: float = 0.5,
+    def score(self, paths: Iterable[str | Path], threshold: float | None = None,
               progress: bool = False) -> Iterator[ImageResult | ImageFailure]:
-        thr = self.calibration.thresholds if (self.calibration is not None and threshold is None) else threshold
+        """One `ImageResult` (or `ImageFailure`) per path, in order; `threshold` as in `thresholds`."""
+        thr = self.thresholds(threshold)
         for enc in self.encode(paths, progress=progress):
             yield enc if isinstance(enc, ImageFailure) else self.result(enc, thr)
 
 
-def score_image(path: str | Path, backbone: Backbone, label_set: LabelSet, threshold: float = 0.5,
+def score_image(path: str | Path, backbone: Backbone, label_set: LabelSet, threshold: float | None = None,
                 **kwargs) -> ImageResult:
     """Convenience: score one image; raises ImageLoadError if it cannot be read."""
     out = next(Scorer(backbone, label_set, **kwargs).score([path], threshold))
