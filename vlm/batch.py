@@ -4,18 +4,36 @@
     DIR/assets/plotly.min.js       plotly.js, once per folder
     DIR/reports/<id>.html|.json    per-image report and its JSON (the JSON is the "done" marker)
     DIR/findings.csv|.json         one row per image x label
-    DIR/errors.csv                 inputs that failed (image, error)
+    DIR/errors.csv                 every input entry not scored (image, error): unreadable files, and
+                                   folder entries that are not images (broken links, folders named
+                                   like images, non-image content...)
+    DIR/batch.json                 the settings the folder was made with
 
-Images are scored in chunks; each report is written (atomically) as soon as its chunk is done,
-so a killed run loses at most one chunk. Re-running the same command resumes: an image whose
-JSON exists and matches the model, label set, variants, styles and threshold is loaded back
-instead of being scored again.
+Inputs are found by content (`vlm.images.discover`): folders recursively (recursive=False: only
+their top level), links to folders only with follow_symlinks; plainly-not-image files (.txt, .csv,
+.json...) are counted in the summary, not listed.
+
+Never lose or mix output: every file is written atomically; images are scored in chunks and each
+report is written as soon as its chunk is done, so a killed run loses at most one chunk, and
+re-running the same command resumes (an image whose JSON exists and matches the settings is loaded
+back, not scored again) to the same findings.csv, byte for byte. A folder made with other settings is
+re-done image by image; when the run completes, reports of images no longer in the batch are
+removed, so the folder shows one batch. overwrite=True replaces the folder as a whole first (only a
+batch folder: anything else is refused). An output folder that cannot be written - permission,
+disk full - stops the batch at once with one `BatchOutputError` line (exit code 2); finished
+reports are kept.
+
+Exit codes (`BatchSummary.exit_code`, for the CLI): 0 every input scored, 1 some input failed or was
+listed in errors.csv; usage, model and output-folder errors are exceptions (exit code 2).
 """
 from __future__ import annotations
 
-import csv
 import json
+import logging
+import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,14 +41,23 @@ from typing import Iterable
 
 from markupsafe import Markup
 
-from .html import atomic_write_text, figure_div, render, write_plotly_asset
-from .images import find_images, safe_id
+from .data import read_csv_table
+from .fileio import atomic_write_json, atomic_write_text
+from .html import figure_div, render, write_plotly_asset
+from .images import Discovery, discover, safe_id
 from .report import assess, model_info, render_report, safe_json
 from .results import FINDINGS_CSV_COLUMNS, ImageFailure, ImageResult, findings_rows, to_csv
 
+logger = logging.getLogger(__name__)
+
 REPORTS = "reports"
+MANIFEST = "batch.json"
 SIGNATURE_KEYS = ("model", "model_fingerprint", "label_set", "variants", "prompt_styles", "threshold", "adapter",
-                  "calibration")
+                  "calibration", "input_options")
+
+
+class BatchOutputError(ValueError):
+    """The output folder cannot be written (permission, disk full, not a batch folder): one line, exit 2."""
 
 
 @dataclass
@@ -42,14 +69,32 @@ class BatchSummary:
     rerendered: int = 0
     failed: list[ImageFailure] = field(default_factory=list)
     results: list[ImageResult] = field(default_factory=list)
+    not_images: int = 0  # plainly-not-image files met in folders (counted, not listed)
+    duplicates: int = 0  # paths naming a file already in the batch (scored once)
+    folders_not_scanned: int = 0  # sub-folders left out by recursive=False
 
     @property
     def index(self) -> Path:
         return self.out_dir / "index.html"
 
+    @property
+    def warned(self) -> int:
+        return sum(1 for r in self.results if r.input_warnings)
+
+    @property
+    def exit_code(self) -> int:
+        """0: every input scored; 1: some input failed or was listed in errors.csv."""
+        return 1 if self.failed else 0
+
     def __str__(self) -> str:
-        return (f"{self.total} inputs: {self.scored} scored, {self.resumed} already done (resumed), "
-                f"{len(self.failed)} failed -> {self.index}")
+        text = (f"{self.total} inputs: {self.scored} scored, {self.resumed} already done (resumed), "
+                f"{len(self.failed)} failed")
+        text += " (see errors.csv)" if self.failed else ""
+        extras = [(self.warned, "with input warnings (view, body part, frames)"),
+                  (self.not_images, "non-image files ignored"), (self.duplicates, "duplicate paths scored once"),
+                  (self.folders_not_scanned, "sub-folders not scanned (not recursive)")]
+        text += "".join(f"; {n} {what}" for n, what in extras if n)
+        return f"{text} -> {self.index}"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -58,25 +103,21 @@ def read_csv_list(path: Path, views: dict[str, str] | None = None) -> list[Path]
     """Image paths from a CSV with a `filename` column, relative to the CSV's folder.
 
     If the CSV has a `view` column (PA, AP, ...), it is collected into `views` (path -> view)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "filename" not in reader.fieldnames:
-            raise ValueError(f"{path}: a CSV input list needs a 'filename' column "
-                             f"(found: {', '.join(reader.fieldnames or []) or 'no header'})")
-        out = []
-        for row in reader:
-            name = (row.get("filename") or "").strip()
-            if not name:
-                continue
-            p = path.parent / name
-            out.append(p)
-            if views is not None and (row.get("view") or "").strip():
-                views[str(p)] = row["view"].strip()[:20]
-        return out
+    out = []
+    for row in read_csv_table(path, required=("filename",)):
+        name = (row.get("filename") or "").strip()
+        if not name:
+            continue
+        p = Path(path).parent / name
+        out.append(p)
+        if views is not None and (row.get("view") or "").strip():
+            views[str(p)] = row["view"].strip()[:20]
+    return out
 
 
-def collect_inputs(inputs: Iterable[str | Path], views: dict[str, str] | None = None) -> list[Path]:
-    """Files, folders, globs and CSV lists -> de-duplicated image paths in input order."""
+def gather_inputs(inputs: Iterable[str | Path], views: dict[str, str] | None = None, recursive: bool = True,
+                  follow_symlinks: bool = False) -> Discovery:
+    """Files, folders, globs and CSV lists -> `Discovery` (images in input order, skipped entries, counts)."""
     expanded: list[str] = []
     for item in inputs:
         p = Path(item)
@@ -84,7 +125,13 @@ def collect_inputs(inputs: Iterable[str | Path], views: dict[str, str] | None = 
             expanded += [str(q) for q in read_csv_list(p, views)]
         else:
             expanded.append(str(item))
-    return find_images(expanded)
+    return discover(expanded, recursive=recursive, follow_symlinks=follow_symlinks)
+
+
+def collect_inputs(inputs: Iterable[str | Path], views: dict[str, str] | None = None, recursive: bool = True,
+                   follow_symlinks: bool = False) -> list[Path]:
+    """Files, folders, globs and CSV lists -> de-duplicated image paths in input order."""
+    return gather_inputs(inputs, views, recursive, follow_symlinks).images
 
 
 def output_names(paths: list[Path]) -> dict[str, str]:
@@ -104,6 +151,16 @@ def output_names(paths: list[Path]) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- resume
 
+def input_options(scorer) -> dict | None:
+    """The load options that change results (None when all are defaults): part of the resume signature."""
+    opts = getattr(scorer, "load_options", None)
+    if opts is None:
+        return None
+    chosen = {"window": list(opts.window) if opts.window else None, "include_phi": bool(opts.include_phi),
+              "multiframe": opts.multiframe}
+    return None if chosen == {"window": None, "include_phi": False, "multiframe": "first"} else chosen
+
+
 def signature(scorer, threshold) -> dict:
     return {
         "model": scorer.backbone.name,
@@ -114,6 +171,7 @@ def signature(scorer, threshold) -> dict:
         "threshold": float(threshold) if isinstance(threshold, (int, float)) else None,
         "adapter": scorer.adapter_name,
         "calibration": getattr(scorer.calibration, "source", None),
+        "input_options": input_options(scorer),
     }
 
 
@@ -175,6 +233,7 @@ def _row(result: ImageResult, name: str) -> dict:
         "max_unc": max((f.uncertainty for f in result.findings), default=0.0),
         "agreement": conf["min_agreement"],
         "reliability": conf["reliability"],
+        "input_warnings": list(result.input_warnings),
     }
 
 
@@ -230,84 +289,180 @@ def write_index(out_dir: Path, results: list[ImageResult], names: dict[str, str]
     atomic_write_text(out_dir / "index.html", html)
 
 
+# ----------------------------------------------------------------------------- the output folder
+
+def _is_batch_folder(out_dir: Path) -> bool:
+    return any((out_dir / m).exists() for m in (MANIFEST, "index.html", "findings.csv", REPORTS))
+
+
+def _replace_out_dir(out_dir: Path) -> None:
+    """overwrite=True: the old batch goes in one rename (never half of it left), then is deleted."""
+    if not out_dir.is_dir():
+        raise BatchOutputError(f"{out_dir} exists and is not a folder")
+    if any(out_dir.iterdir()) and not _is_batch_folder(out_dir):
+        raise BatchOutputError(f"{out_dir} is not a vlm-xray batch folder (no {MANIFEST}, index.html or {REPORTS}/); "
+                               f"refusing to replace it - choose another output folder")
+    trash = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+    os.replace(out_dir, trash)
+    shutil.rmtree(trash)
+    logger.info("replaced the earlier batch in %s", out_dir)
+
+
+def prepare_out_dir(out_dir: Path, sig: dict, overwrite: bool = False) -> Path:
+    """Create (or, with overwrite, replace) the batch folder and prove it writable; returns reports/."""
+    try:
+        for left in out_dir.parent.glob(f".{out_dir.name}.replaced-*"):
+            shutil.rmtree(left, ignore_errors=True)  # an earlier overwrite killed while deleting
+        if overwrite and out_dir.exists():
+            _replace_out_dir(out_dir)
+        reports_dir = out_dir / REPORTS
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*out_dir.glob(".*.tmp*"), *reports_dir.glob(".*.tmp*")]:
+            stale.unlink(missing_ok=True)  # temp files of a run that was killed mid-write
+        atomic_write_json(out_dir / MANIFEST, {"tool": "vlm-xray batch", "settings": sig})
+    except OSError as e:
+        raise BatchOutputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from None
+    return reports_dir
+
+
+@contextmanager
+def _output_errors(out_dir: Path):
+    """Any OS error while writing outputs (disk full, permission, read-only) stops the batch with one line."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise BatchOutputError(f"writing to the output folder {out_dir} failed{where}: {e.strerror or e}; "
+                               f"finished reports are kept and re-running the command resumes") from None
+
+
+def _prune(reports_dir: Path, names: dict[str, str]) -> None:
+    """Remove reports of images that are not in this batch (an earlier batch in the same folder)."""
+    keep = {n.lower() for n in names.values()}
+    stale = [p for p in reports_dir.iterdir() if p.suffix in (".html", ".json") and p.stem.lower() not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d reports of an earlier batch in %s", len(stale), reports_dir.parent)
+
+
 # ----------------------------------------------------------------------------- the batch
 
-def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, threshold: float | None = None,
-              clinical: str | None = None, progress: bool = True, chunk_size: int = 32) -> BatchSummary:
-    """Score `inputs` (files, folders, globs, CSV lists) and write the batch folder; resumable.
+@dataclass
+class _Run:
+    """What one run_batch call carries between its steps."""
 
-    threshold None: the calibration's per-label thresholds when the scorer has a calibration, else 0.5.
-    """
-    out_dir = Path(out_dir)
-    views: dict[str, str] = {}
-    paths = collect_inputs(inputs, views)
-    if not paths:
-        raise ValueError(f"no images found in: {' '.join(map(str, inputs))}")
-    if threshold is None:
-        threshold = None if getattr(scorer, "calibration", None) is not None else 0.5
-    reports_dir = out_dir / REPORTS
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob(".*.tmp"), *reports_dir.glob(".*.tmp")]:
-        stale.unlink(missing_ok=True)  # temp files of a run that was killed mid-write
-    asset = write_plotly_asset(out_dir)
-    plotly_src = f"../{asset}"
-    sig = signature(scorer, threshold)
-    model = model_info(scorer.backbone)
-    clinical = (clinical or "").strip() or None
-    names = output_names(paths)
-    summary = BatchSummary(out_dir=out_dir, total=len(paths))
-    done: dict[str, ImageResult] = {}
-    todo: list[Path] = []
+    scorer: object
+    out_dir: Path
+    reports_dir: Path
+    threshold: float | dict | None
+    sig: dict
+    model: dict
+    clinical: str | None
+    plotly_src: str
+    names: dict[str, str]
+    views: dict[str, str]
+    summary: BatchSummary
+    done: dict[str, ImageResult] = field(default_factory=dict)
+    failures: dict[str, ImageFailure] = field(default_factory=dict)
+
+
+def _resume(run: _Run, paths: list[Path]) -> list[Path]:
+    """Load finished results back (re-rendering pages whose clinical text changed); returns what is left."""
+    todo = []
     for p in paths:
-        name = names[str(p)]
-        r = _load_done(reports_dir / f"{name}.json", str(p), sig)
+        name = run.names[str(p)]
+        r = _load_done(run.reports_dir / f"{name}.json", str(p), run.sig)
         if r is None:
             todo.append(p)
             continue
-        if r.extra.get("clinical") != clinical or not (reports_dir / f"{name}.html").is_file():
-            r.extra["clinical"] = clinical  # new clinical text or a missing page: re-render, no re-scoring
-            write_report(r, reports_dir, name, model, clinical, plotly_src)
-            summary.rerendered += 1
-        done[str(p)] = r
-        summary.resumed += 1
+        if r.extra.get("clinical") != run.clinical or not (run.reports_dir / f"{name}.html").is_file():
+            r.extra["clinical"] = run.clinical  # new clinical text or a missing page: re-render, no re-scoring
+            write_report(r, run.reports_dir, name, run.model, run.clinical, run.plotly_src)
+            run.summary.rerendered += 1
+        run.done[str(p)] = r
+        run.summary.resumed += 1
+    return todo
 
-    failures: dict[str, ImageFailure] = {}
+
+def _record(run: _Run, out) -> None:
+    key = str(out.image)
+    if isinstance(out, ImageFailure):
+        run.failures[key] = out
+        return
+    try:
+        if out.view is None and key in run.views:
+            out.view = run.views[key]  # the input list's view column, when the image has none
+        out.extra["model_fingerprint"] = run.sig["model_fingerprint"]
+        if run.sig["input_options"] is not None:
+            out.extra["input_options"] = run.sig["input_options"]
+        out.extra["clinical"] = run.clinical
+        write_report(out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src)
+    except OSError:
+        raise  # the output folder is failing: stop (see _output_errors), do not blame the image
+    except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
+        run.failures[key] = ImageFailure(key, f"report failed: {type(e).__name__}: {e}")
+        return
+    run.done[key] = out
+    run.summary.scored += 1
+
+
+def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress: bool) -> None:
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(paths), initial=summary.resumed, desc="batch", unit="img", file=sys.stderr,
-                   mininterval=0.5)
+        bar = tqdm(total=run.summary.total, initial=run.summary.total - len(todo), desc="batch", unit="img",
+                   file=sys.stderr, mininterval=0.5)
     for start in range(0, len(todo), max(1, chunk_size)):
-        chunk = todo[start : start + chunk_size]
-        for out in scorer.score(chunk, threshold):
-            key = str(out.image)
-            if isinstance(out, ImageFailure):
-                failures[key] = out
-            else:
-                try:
-                    if out.view is None and key in views:
-                        out.view = views[key]  # the input list's view column, when the image has none
-                    out.extra.update({k: sig[k] for k in ("model_fingerprint",)})
-                    out.extra["clinical"] = clinical
-                    write_report(out, reports_dir, names[key], model, clinical, plotly_src)
-                    done[key] = out
-                    summary.scored += 1
-                except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch
-                    failures[key] = ImageFailure(key, f"report failed: {type(e).__name__}: {e}")
+        for out in run.scorer.score(todo[start : start + chunk_size], run.threshold):
+            _record(run, out)
             if bar is not None:
                 bar.update(1)
-        if failures:
-            write_errors(out_dir, [failures[str(p)] for p in paths if str(p) in failures])
+        if run.failures:
+            write_errors(run.out_dir, all_failures())
     if bar is not None:
         bar.close()
 
-    results = [done[str(p)] for p in paths if str(p) in done]
-    summary.failed = [failures[str(p)] for p in paths if str(p) in failures]
-    summary.results = results
-    rows = findings_rows(results)
-    atomic_write_text(out_dir / "findings.csv", _safe_csv(rows, FINDINGS_CSV_COLUMNS))
-    atomic_write_text(out_dir / "findings.json", safe_json(rows) + "\n")
-    write_errors(out_dir, summary.failed)
-    write_index(out_dir, results, names, summary.failed, sig, model, clinical, f"{asset}")
+
+def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, threshold: float | None = None,
+              clinical: str | None = None, progress: bool = True, chunk_size: int = 32, *, overwrite: bool = False,
+              recursive: bool = True, follow_symlinks: bool = False) -> BatchSummary:
+    """Score `inputs` (files, folders, globs, CSV lists) and write the batch folder; resumable.
+
+    threshold: as `Scorer.thresholds` (None: the calibration's per-label thresholds, else 0.5).
+    overwrite: replace an existing batch folder instead of resuming it. recursive / follow_symlinks: how
+    folders are scanned (see `vlm.images.discover`). How images are read (DICOM window, pixel limit,
+    PHI) is the scorer's `load_options`."""
+    out_dir = Path(out_dir)
+    views: dict[str, str] = {}
+    found = gather_inputs(inputs, views, recursive, follow_symlinks)
+    paths = found.images
+    if not paths:
+        why = "; ".join(f"{e}: {r}" for e, r in found.skipped[:3])
+        raise ValueError(f"no images found in: {' '.join(map(str, inputs))}" + (f" ({why})" if why else ""))
+    threshold = scorer.thresholds(threshold)
+    sig = signature(scorer, threshold)
+    reports_dir = prepare_out_dir(out_dir, sig, overwrite)
+    summary = BatchSummary(out_dir=out_dir, total=len(paths) + len(found.skipped), not_images=found.not_images,
+                           duplicates=found.duplicates, folders_not_scanned=found.folders_not_scanned)
+    skipped = [ImageFailure(entry, reason) for entry, reason in found.skipped]
+    with _output_errors(out_dir):
+        asset = write_plotly_asset(out_dir)
+        run = _Run(scorer, out_dir, reports_dir, threshold, sig, model_info(scorer.backbone),
+                   (clinical or "").strip() or None, f"../{asset}", output_names(paths), views, summary)
+
+        def all_failures() -> list[ImageFailure]:
+            return skipped + [run.failures[str(p)] for p in paths if str(p) in run.failures]
+
+        todo = _resume(run, paths)
+        _score(run, todo, all_failures, chunk_size, progress)
+        summary.results = [run.done[str(p)] for p in paths if str(p) in run.done]
+        summary.failed = all_failures()
+        rows = findings_rows(summary.results)
+        atomic_write_text(out_dir / "findings.csv", _safe_csv(rows, FINDINGS_CSV_COLUMNS))
+        atomic_write_text(out_dir / "findings.json", safe_json(rows) + "\n")
+        write_errors(out_dir, summary.failed)
+        write_index(out_dir, summary.results, run.names, summary.failed, sig, run.model, run.clinical, f"{asset}")
+        _prune(reports_dir, run.names)
     return summary

@@ -39,6 +39,9 @@ class ImageResult:
     adapter: str | None = None
     calibration: str | None = None
     extra: dict = field(default_factory=dict)
+    # what the loader noticed about the input (first frame of several used, a lateral view, a body part
+    # outside the label set): shown in reports; a signal for the out-of-distribution guard
+    input_warnings: list[str] = field(default_factory=list)
 
     def finding(self, label: str) -> Finding:
         return next(f for f in self.findings if f.label == label)
@@ -61,6 +64,7 @@ class ImageResult:
             "per_variant": self.per_variant,
             "view": self.view,
             "size": list(self.size) if self.size else None,
+            "input_warnings": list(self.input_warnings),
         }
         if self.adapter:
             d["adapter"] = self.adapter
@@ -73,13 +77,14 @@ class ImageResult:
     @classmethod
     def from_dict(cls, d: dict) -> "ImageResult":
         known = {"image", "image_id", "model", "label_set", "threshold", "variants", "prompt_styles",
-                 "findings", "per_variant", "view", "size", "adapter", "calibration"}
+                 "findings", "per_variant", "view", "size", "adapter", "calibration", "input_warnings"}
         return cls(
             image=d["image"], image_id=d["image_id"], model=d["model"], label_set=d["label_set"],
             threshold=d["threshold"], variants=list(d["variants"]), prompt_styles=list(d["prompt_styles"]),
             findings=[Finding(**f) for f in d["findings"]], per_variant=d["per_variant"], view=d.get("view"),
             size=tuple(d["size"]) if d.get("size") else None, adapter=d.get("adapter"),
             calibration=d.get("calibration"), extra={k: v for k, v in d.items() if k not in known},
+            input_warnings=list(d.get("input_warnings") or []),
         )
 
 
