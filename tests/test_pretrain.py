@@ -98,3 +98,52 @@ def test_pretrain_tiny_learns_and_reloads(tmp_path):
         got_txt = bb.encode_texts(texts)
     torch.testing.assert_close(got_img, ref_img, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_txt, ref_txt, rtol=0, atol=1e-5)
+
+
+def test_config_round_trips_and_checks_resume(tmp_path):
+    from vlm.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(data=[f"{tmp_path}/d:chest4", (str(tmp_path / "e"), None)], out_dir=str(tmp_path / "m"),
+                         epochs=3, withhold_labels=["Mass"], max_minutes=5.0)
+    back = PretrainConfig.from_json(cfg.to_json())
+    assert back == cfg and back.data == [(f"{tmp_path}/d", "chest4"), (str(tmp_path / "e"), None)]
+    saved = json.loads(json.dumps(cfg.run_config()))
+    PretrainConfig(**{**back.__dict__, "epochs": 10, "max_minutes": None}).check_resume(saved)  # budget may change
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        PretrainConfig(**{**back.__dict__, "lr": 1e-4}).check_resume(saved)
+    with pytest.raises(ValueError, match="unknown setting"):
+        PretrainConfig.from_json(json.dumps({"data": [], "learning_rate": 1}))
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    csv_path = _make_data(tmp_path / "data", n=8)
+    out = tmp_path / "model"
+    kw = dict(image_tower="edgenext_xx_small", image_size=32, batch_size=8, val_fraction=0.0, progress=False,
+              keep_train_state=True)
+    pretrain([(str(csv_path), None)], out, epochs=1, **kw)
+    with pytest.raises(ValueError, match="different configuration"):
+        pretrain([(str(csv_path), None)], out, epochs=2, resume=True, lr=1e-4, **kw)
+    m = pretrain([(str(csv_path), None)], out, epochs=2, resume=True, **kw)
+    assert [h["epoch"] for h in m["history"] if "epoch" in h] == [1, 2]
+
+
+def test_model_card_names_the_folder_and_no_absolute_paths(tmp_path):
+    from vlm.pretrain import PretrainConfig, model_card
+
+    metrics = json.loads(json.dumps({
+        "config": {**PretrainConfig(data=[str(tmp_path / "nih14")]).run_config()}, "name": "my-model",
+        "command": f"vlm-xray pretrain --data {tmp_path}/nih14 --out {tmp_path}/my-model",
+        "data": [{"dataset": "nih14", "csv": "nih14/labels.csv", "label_set": "chestxray14", "rows": 4,
+                  "licenses": {"CC0": 4}, "sources": {"<b>site</b>": 4}}],
+        "n_train": 3, "n_val": 1, "n_train_dropped_withheld": 0, "train_counts": {"chestxray14": {"Mass": 3}},
+        "image_tower_params": 1.2e6, "lora_target_linears": ["a.attn.qkv"],
+        "val": {"chestxray14": {"n": 1, "auc": {"Mass": 0.75}, "n_pos": {"Mass": 1}, "mean_auc": 0.75,
+                                "mean_auc_withheld": None, "auc_ci": {"Mass": [0.5, 0.9]}}},
+        "seconds": {"train": 60, "total": 90}, "images_per_second": 3.0, "best_epoch": 1, "epochs_done": 1,
+        "stopped_by_time_budget": False, "card_bootstrap": 1000}))
+    cfg = PretrainConfig(data=[str(tmp_path / "nih14")], out_dir=str(tmp_path / "my-model"))
+    card = model_card(metrics, {}, cfg)
+    assert card.startswith("# my-model\n")
+    assert str(tmp_path) not in card and "`nih14/labels.csv`" in card
+    assert "&lt;b&gt;site&lt;/b&gt;" in card  # data-supplied text is escaped, never markup
+    assert "0.500–0.900" in card and "NOT a diagnostic device" in card

@@ -1,4 +1,6 @@
-"""`vlm-xray pretrain`: the click command around `vlm.pretrain.pretrain` (registered in vlm.cli)."""
+"""`vlm-xray pretrain`: options -> `PretrainConfig` -> `vlm.pretrain.pretrain` (registered in vlm.cli).
+
+Importing this module does not import torch (vlm.pretrain loads its training code lazily)."""
 from __future__ import annotations
 
 import shlex
@@ -6,7 +8,13 @@ import sys
 
 import click
 
-from .pretrain import DEFAULT_IMAGE_TOWER, parse_data_spec
+from .pretrain import DEFAULT_IMAGE_TOWER, PretrainConfig
+
+
+class PretrainUsageError(click.ClickException):
+    """A user error (bad data, label, option): one line, exit status 2 as for every command."""
+
+    exit_code = 2
 
 
 @click.command("pretrain", context_settings={"show_default": True})
@@ -47,6 +55,9 @@ from .pretrain import DEFAULT_IMAGE_TOWER, parse_data_spec
 @click.option("--max-minutes", default=None, type=float,
               help="Training-time budget: the cosine LR schedule follows max(step, elapsed-time) progress and "
                    "training stops when the budget is spent (best checkpoint kept); --epochs is then an upper bound.")
+@click.option("--max-steps-per-epoch", default=None, type=int,
+              help="Cap on optimiser steps per epoch (quick trials and equivalence checks; the LR schedule "
+                   "follows the capped length).")
 @click.option("--num-threads", default=None, type=int,
               help="CPU threads for torch (default: $OMP_NUM_THREADS or all cores).")
 @click.option("--keep-train-state/--no-keep-train-state", default=False,
@@ -55,8 +66,8 @@ from .pretrain import DEFAULT_IMAGE_TOWER, parse_data_spec
               help="Cache the resized images here (.npy) to start later runs faster.")
 @click.option("--progress/--no-progress", default=True, help="Show tqdm progress bars.")
 def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, batch_size, lr, device, seed,
-                     resume, text_lora, withhold, val_fraction, loss, prompt_weight, max_minutes, num_threads, keep_train_state,
-                     cache_dir, progress):
+                     resume, text_lora, withhold, val_fraction, loss, prompt_weight, max_minutes, max_steps_per_epoch,
+                     num_threads, keep_train_state, cache_dir, progress):
     """Pre-train a LiT-style CLIP: a small image tower trained against the locked
     all-MiniLM-L6-v2 text tower, on image/label CSVs whose labels become captions.
 
@@ -69,24 +80,30 @@ def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, 
     """
     from .pretrain import pretrain
 
-    specs = [parse_data_spec(d) for d in data]
-    args = sys.argv[1:]
-    if "pretrain" in args:  # `vlm-xray [global options] pretrain ...`
-        args = args[args.index("pretrain") + 1:]
-    command = "vlm-xray pretrain " + " ".join(shlex.quote(a) for a in args)
+    config = PretrainConfig(
+        data=list(data), out_dir=out_dir, image_tower=image_tower, image_size=image_size, embed_dim=embed_dim,
+        epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed, resume=resume,
+        withhold_labels=tuple(withhold), val_fraction=val_fraction, loss=loss, prompt_weight=prompt_weight,
+        text_lora=text_lora, max_minutes=max_minutes, max_steps_per_epoch=max_steps_per_epoch,
+        num_threads=num_threads, keep_train_state=keep_train_state, cache_dir=cache_dir,
+        command=_command_line(), progress=progress)
     try:
-        m = pretrain(specs, out_dir, image_tower=image_tower, image_size=image_size, embed_dim=embed_dim,
-                     epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed, resume=resume,
-                     withhold_labels=tuple(withhold), val_fraction=val_fraction, loss=loss,
-                     prompt_weight=prompt_weight, text_lora=text_lora, max_minutes=max_minutes, num_threads=num_threads, keep_train_state=keep_train_state,
-                     cache_dir=cache_dir, command=command, progress=progress)
+        m = pretrain(config)
     except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+        raise PretrainUsageError(str(e)) from e
     m.pop("model", None)
     click.echo(f"wrote {out_dir} (best epoch {m['best_epoch']}, {m['seconds']['total'] / 60:.1f} min)")
     for s, v in (m.get("val") or {}).items():
         aucs = ", ".join(f"{k} {a:.3f}" for k, a in v["auc"].items())
         click.echo(f"  {s}: mean AUC {v['mean_auc']:.3f}  [{aucs}]")
+
+
+def _command_line() -> str:
+    """The pretrain command as typed, for the model card."""
+    args = sys.argv[1:]
+    if "pretrain" in args:  # `vlm-xray [global options] pretrain ...`
+        args = args[args.index("pretrain") + 1:]
+    return "vlm-xray pretrain " + " ".join(shlex.quote(a) for a in args)
 
 
 if __name__ == "__main__":
