@@ -111,3 +111,17 @@ def test_starter_validation_patients_unchanged(dataset):
     _, val = data.split(0.15, seed=0)
     assert len(val) == n_val
     assert hashlib.sha256("\n".join(sorted(set(val.groups))).encode()).hexdigest() == digest
+
+
+def test_exclusion_across_datasets_matches_bare_patient_ids(tmp_path):
+    from vlm.adapt.core import exclude_groups
+
+    ls = load_label_set("chestxray14")
+    a = _write_csv(tmp_path / "nih14" / "labels.csv", [{"filename": "a.png", "labels": "Mass", "patient": "1"},
+                                                        {"filename": "b.png", "labels": "Mass", "patient": "2"}])
+    b = _write_csv(tmp_path / "nih14-lowres" / "labels.csv", [{"filename": "c.png", "labels": "", "patient": "1"},
+                                                               {"filename": "d.png", "labels": "", "patient": "3"}])
+    train = load_labelled_csv(a, ls, check_files=False)
+    held = load_labelled_csv(b, ls, check_files=False)
+    assert train.groups == ["nih14/1", "nih14/2"] and held.groups == ["nih14-lowres/1", "nih14-lowres/3"]
+    assert [r["filename"] for r in exclude_groups(held, train).rows] == ["d.png"]

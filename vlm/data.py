@@ -117,6 +117,13 @@ class LabelledData:
     def patients(self) -> list[str]:
         return self.column("patient")
 
+    @property
+    def patient_ids(self) -> list[str]:
+        """Patient (or filename when absent) without the folder: what must never be shared between
+        training and evaluation rows read from *different* CSVs (nih14 and nih14-lowres share patients)."""
+        return [(r.get("patient") or "").strip() or r["filename"] for r in self.rows] if self.rows else list(self.groups)
+
+
     def label_names(self, i: int) -> tuple[str, ...]:
         """Label names of row `i` (label-set order)."""
         return tuple(n for n, t in zip(self.label_set.names, self.targets[i]) if t)

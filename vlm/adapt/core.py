@@ -36,9 +36,11 @@ class Adapted:
 
 
 def exclude_groups(data: LabelledData, used: LabelledData) -> LabelledData:
-    """`data` without the rows of any patient (group) in `used` and without `used`'s files."""
-    groups, paths = set(used.groups), set(used.paths)
-    keep = [i for i, (g, p) in enumerate(zip(data.groups, data.paths)) if g not in groups and p not in paths]
+    """`data` without the rows of any patient in `used` and without `used`'s files. Patients are matched
+    by group key and by bare patient id, so a patient in two datasets' CSVs is excluded too."""
+    groups, patients, paths = set(used.groups), set(used.patient_ids), set(used.paths)
+    keep = [i for i, (g, q, p) in enumerate(zip(data.groups, data.patient_ids, data.paths))
+            if g not in groups and q not in patients and p not in paths]
     return data.subset(keep)
 
 
