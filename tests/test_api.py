@@ -1,8 +1,7 @@
 """The library's front door: Python and the CLI give the same numbers; one threshold rule;
-fast, torch-free start; no import circles; one-line user errors; default output folders."""
+fast, torch-free start; one-line user errors; default output folders."""
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from vlm import load_scorer
 from vlm.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nih_00000001_000.png"
-VLM = Path(__file__).resolve().parents[1] / "vlm"
 
 
 def _cli_json(*args) -> dict:
@@ -104,40 +102,6 @@ def test_help_and_labels_do_not_import_torch(argv):
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().endswith("NO-TORCH"), r.stderr[-2000:]
-
-
-def _module_imports(path: Path) -> set[str]:
-    """Absolute names of the vlm modules a file imports at module level."""
-    rel = path.relative_to(VLM.parent).with_suffix("")
-    parts = list(rel.parts)
-    package = parts if parts[-1] == "__init__" else parts[:-1]
-    package = [p for p in package if p != "__init__"]
-    out = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            mod = ".".join(base + (node.module.split(".") if node.module else []))
-            if mod.startswith("vlm"):
-                out.add(mod)
-                out.update(f"{mod}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("vlm"))
-    return out
-
-
-def test_no_import_circles_in_vlm():
-    files = {".".join(p.relative_to(VLM.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in VLM.rglob("*.py")}
-    graph = {m: {d for d in _module_imports(p) if d in files and d != m} for m, p in files.items()}
-
-    def visit(m, stack):
-        for d in graph[m]:
-            if d in stack:
-                raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(d):], d]))
-            visit(d, [*stack, d])
-
-    for m in graph:
-        visit(m, [m])
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path):
