@@ -149,6 +149,52 @@ def voi_lut_dicom(grey01: np.ndarray, path: Path) -> Path:
     return save_dicom(ds, path)
 
 
+# ----------------------------------------------------------------------------- planted identifiers
+
+PHI_MARKERS = ("ZQX", "SECRETNAME", "424242", "18990417", "1899-04-17", "077Y")
+_KEEP = {"SpecificCharacterSet", "PhotometricInterpretation", "VOILUTFunction", "PresentationLUTShape",
+         "ViewPosition", "BodyPartExamined", "ImageLaterality", "Laterality", "TransferSyntaxUID"}
+
+
+def _marker(vr: str, n: int) -> str:
+    return {"PN": f"ZQX{n:04d}^SECRETNAME", "DA": "18990417", "TM": "235917.424242", "DT": "18990417235917.424242",
+            "AS": "077Y", "UI": f"1.2.999.424242.{n}", "UR": f"http://zqx{n:04d}.example/"}.get(vr, f"ZQX{n:04d}")
+
+
+def plant_identifiers(ds) -> None:
+    """Put a findable identifier (PHI_MARKERS) in every standard text element (all ~1,600 of them, except
+    the few that say how to decode the pixels and the three view fields), a private block and a nested
+    sequence, as a hostile archive file would carry them."""
+    from pydicom.datadict import DicomDictionary
+    from pydicom.dataset import Dataset
+
+    for n, (tag, (vr, _vm, _name, retired, keyword)) in enumerate(sorted(DicomDictionary.items())):
+        if retired or not keyword or keyword in _KEEP or (tag >> 16) in (0x0000, 0x0002, 0x7FE0) or vr not in (
+                "PN", "LO", "SH", "ST", "LT", "UT", "UC", "DA", "TM", "DT", "AS", "AE", "CS", "UI", "UR"):
+            continue
+        if (tag >> 16) == 0x0028 and vr not in ("LO", "LT", "ST", "UT"):
+            continue  # pixel-module codes (CS/UI) decide how pixels decode; their free-text fields are planted
+        ds.add_new(tag, vr, _marker(vr, n))
+    block = ds.private_block(0x0011, "ZQX PRIVATE CREATOR", create=True)
+    block.add_new(0x01, "LO", "ZQX-PRIVATE-VALUE")
+    other = Dataset()
+    other.PatientID = "ZQX-SEQ-ID"
+    other.IssuerOfPatientID = "ZQX-SEQ-ISSUER"
+    ds.OtherPatientIDsSequence = [other]
+
+
+def save_planted(ds, path: Path, **kwargs) -> Path:
+    from pydicom import config
+
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        plant_identifiers(ds)
+        return save_dicom(ds, path, **kwargs)
+    finally:
+        config.settings.writing_validation_mode = old
+
+
 # ----------------------------------------------------------------------------- rasters
 
 def png_with_declared_size(path: Path, width: int, height: int) -> Path:
@@ -282,7 +328,7 @@ def _hostile(root: Path, px: list[np.ndarray]) -> dict[str, Expect]:
     os.symlink(root / "grey8.png", root / "file_link.png")  # the same image twice: scored once
     for name in ("notes.txt", "labels.csv", "meta.json", ".DS_Store"):
         (root / name).write_text("plainly not an image\n")
-    out = {"corrupt.png": Expect("failed", "not a recognised image"), "truncated.jpg": Expect("failed", "truncated"),
+    out = {"corrupt.png": Expect("failed", "corrupt"), "truncated.jpg": Expect("failed", "truncated"),
            "empty.png": Expect("failed", "empty"), "text_named.png": Expect("failed", "not a recognised image"),
            "tiny.png": Expect("failed", "too small"), "bomb.png": Expect("failed", "over the limit"),
            "random.bin": Expect("failed", "not a recognised image"), "README": Expect("failed", "not a recognised"),

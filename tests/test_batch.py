@@ -1,8 +1,10 @@
 """`vlm-xray batch` / vlm.batch.run_batch: outputs, bad files, resume, hostile names, CSV input lists."""
 import csv
 import json
+import os
 import re
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -182,3 +184,171 @@ def test_cli_batch(openclip_dir, inputs, tmp_path):
     r = CliRunner().invoke(main, ["batch", str(tmp_path / "nothing*.png"), "--model", str(openclip_dir),
                                   "--out", str(out)])
     assert r.exit_code == 2 and "no images found" in r.output
+
+
+# ----------------------------------------------------------------------------- real-world inputs (issue 13)
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tests.corpus import make_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root)
+
+
+def _rel(root, path):
+    return os.path.relpath(path, root)
+
+
+def test_mixed_corpus_every_entry_scored_or_listed(backbone, corpus, tmp_path, openclip_dir):
+    root, expected = corpus
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original", num_workers=0, batch_size=8)
+    s = run_batch(scorer, [str(root)], out, 0.5, progress=False, chunk_size=8)
+    seconds = time.perf_counter() - t0
+    scored = {_rel(root, r.image): r for r in s.results}
+    errors = {_rel(root, e["image"]): e["error"] for e in read_csv(out / "errors.csv")}
+    for entry, exp in expected.items():
+        if exp.outcome == "scored":
+            assert entry in scored, entry
+            if exp.reason:  # an input warning: first frame, lateral view, body part
+                assert any(exp.reason in w for w in scored[entry].input_warnings), scored[entry].input_warnings
+        elif exp.outcome == "failed":
+            assert exp.reason in errors[entry], (entry, errors.get(entry))
+        else:
+            assert entry not in scored and entry not in errors
+    assert set(scored) | set(errors) == {e for e, x in expected.items() if x.outcome != "not_image"}
+    assert s.not_images == 4 and s.duplicates == 1 and s.exit_code == 1 and s.total == len(scored) + len(errors)
+    assert f"{len(scored)} scored" in str(s) and "4 non-image files ignored" in str(s)
+    lateral = json.loads((out / "reports" / f"{output_names([root / 'dicom/lateral.dcm'])[str(root / 'dicom/lateral.dcm')]}.json").read_text())
+    assert lateral["view"] == "LL" and "lateral view" in lateral["input_warnings"][0]
+    check_outputs_parse(out)
+    print(f"mixed corpus: {len(scored)} scored, {len(errors)} listed, {s.not_images} not images, {seconds:.1f} s")
+    r = CliRunner().invoke(main, ["batch", str(root), "--model", str(openclip_dir), "--out", str(tmp_path / "cli"),
+                                  "--variants", "original", "--threshold", "0.5"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert len(read_csv(tmp_path / "cli" / "errors.csv")) == len(errors)
+
+
+def test_overwrite_replaces_a_batch_and_refuses_other_folders(backbone, image_dir, tmp_path):
+    from vlm.batch import BatchOutputError
+
+    out = tmp_path / "out"
+    run_batch(make_scorer(backbone), [str(image_dir)], out, 0.4, progress=False)
+    (out / "reports" / "left-over.json").write_text("{}")
+    s = run_batch(make_scorer(backbone), [str(image_dir / "grey8.png")], out, 0.4, progress=False, overwrite=True)
+    assert s.resumed == 0 and s.scored == 1 and len(list((out / "reports").iterdir())) == 2
+    assert json.loads((out / "batch.json").read_text())["settings"]["threshold"] == 0.4
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("not a batch")
+    with pytest.raises(BatchOutputError, match="not a vlm-xray batch folder"):
+        run_batch(make_scorer(backbone), [str(image_dir)], mine, 0.4, progress=False, overwrite=True)
+    assert (mine / "thesis.docx").is_file() and not (mine / "reports").exists()
+
+
+def test_a_smaller_batch_in_the_same_folder_leaves_no_stale_reports(backbone, image_dir, tmp_path):
+    out = tmp_path / "out"
+    run_batch(make_scorer(backbone), [str(image_dir)], out, 0.4, progress=False)
+    s = run_batch(make_scorer(backbone), [str(image_dir / "rgb.jpg")], out, 0.4, progress=False)
+    assert s.resumed == 1 and s.scored == 0
+    assert sorted(p.suffix for p in (out / "reports").iterdir()) == [".html", ".json"]
+    assert {r["image"] for r in read_csv(out / "findings.csv")} == {str(image_dir / "rgb.jpg")}
+
+
+def test_output_folder_errors_fail_fast_and_resume(backbone, image_dir, tmp_path, monkeypatch, openclip_dir):
+    import errno
+
+    import vlm.batch as batch
+    from vlm.batch import BatchOutputError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(BatchOutputError, match="cannot write to the output folder"):
+        run_batch(make_scorer(backbone), [str(image_dir)], blocker / "out", 0.4, progress=False)
+    r = CliRunner().invoke(main, ["batch", str(image_dir), "--model", str(openclip_dir), "--out",
+                                  str(blocker / "out"), "--variants", "original"])
+    assert r.exit_code == 2 and "cannot write to the output folder" in r.output and "Traceback" not in r.output
+
+    real, calls = batch.atomic_write_text, {"n": 0}
+
+    def disk_fills_up(path, text):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(batch, "atomic_write_text", disk_fills_up)
+    out = tmp_path / "out"
+    with pytest.raises(BatchOutputError, match="No space left on device; finished reports are kept"):
+        run_batch(make_scorer(backbone), [str(image_dir)], out, 0.4, progress=False, chunk_size=1)
+    monkeypatch.setattr(batch, "atomic_write_text", real)
+    assert len(list((out / "reports").glob("*.json"))) == 2  # html+json of two images, then the disk was full
+    s = run_batch(make_scorer(backbone), [str(image_dir)], out, 0.4, progress=False)
+    assert s.resumed == 2 and s.scored == 2 and s.exit_code == 0
+
+
+KILLABLE_BATCH = """
+import sys
+from vlm.batch import run_batch
+from vlm.labels import load_label_set
+from vlm.models import load_model
+from vlm.scoring import Scorer
+
+model, inputs, out = sys.argv[1:4]
+scorer = Scorer(load_model(model), load_label_set("chestxray14"), variants="original,hflip", num_workers=0,
+                batch_size=3)
+sys.exit(run_batch(scorer, [inputs], out, threshold=0.5, progress=False, chunk_size=2).exit_code)
+"""
+
+
+def _n_done(out):
+    return len(list((out / "reports").glob("*.json"))) if (out / "reports").is_dir() else 0
+
+
+@pytest.mark.slow
+def test_batch_killed_at_random_points_resumes_to_identical_findings(backbone, openclip_dir, tmp_path):
+    """SIGKILL a real batch process at seeded random moments (start-up, mid-chunk, mid-write), re-run it:
+    findings.csv/json and errors.csv equal an uninterrupted run's byte for byte."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from tests.corpus import dicom_dataset, quantise, save_dicom, source_pixels
+    from PIL import Image as PILImage
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, px in enumerate(source_pixels(12)):
+        if i % 3:
+            PILImage.fromarray(quantise(px, 8)).save(src / f"img{i:02d}.png")
+        else:
+            save_dicom(dicom_dataset(quantise(px, 12), bits_stored=12, uid_seed=str(i)), src / f"img{i:02d}.dcm")
+    (src / "img99.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ref = tmp_path / "ref"
+    scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original,hflip", num_workers=0, batch_size=3)
+    assert run_batch(scorer, [str(src)], ref, 0.5, progress=False, chunk_size=2).exit_code == 1
+
+    out, rng, kills = tmp_path / "killed", random.Random(13), 0
+    cmd = [sys.executable, "-c", KILLABLE_BATCH, str(openclip_dir), str(src), str(out)]
+    # first kill: a random moment of start-up (model load, folder set-up); then twice once a random number of
+    # further reports exist, plus a random few ms (mid-chunk or mid-write)
+    for attempt in range(3):
+        target = _n_done(out) + (0 if attempt == 0 else rng.randint(1, 4))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + (rng.uniform(0.2, 3.0) if attempt == 0 else 120)
+        while proc.poll() is None and _n_done(out) <= target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills == 3 and 0 < _n_done(out) < 12
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 1 and "Traceback" not in final.stderr, final.stderr
+    for name in ("findings.csv", "findings.json", "errors.csv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert _n_done(out) == 12 and not list(out.rglob("*.tmp*"))

@@ -422,8 +422,10 @@ def _dicom_pixels(p: Path, ds, opts: LoadOptions, notes: list[str]) -> tuple[np.
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         grey = _grey_display(arr, ds, opts, notes)
-        if photometric == "MONOCHROME1":
-            grey = 1.0 - grey  # MONOCHROME1: low values are white
+        inverse = str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
+        if photometric == "MONOCHROME1" or inverse:
+            # low values are white; DX files pair MONOCHROME1 with an INVERSE presentation LUT (one inversion)
+            grey = 1.0 - grey
         return np.round(grey * 255.0).astype(np.uint8), photometric
     return _colour_display(arr, ds, photometric), photometric
 
@@ -472,16 +474,14 @@ def read_dicom(p: Path, opts: LoadOptions) -> Image:
         except Exception as e:  # noqa: BLE001 - a parser's message may quote header bytes; only its type is shown
             detail = f"{type(e).__name__}: {e}" if opts.include_phi else type(e).__name__
             raise ImageLoadError(p, f"not a readable DICOM file ({detail})") from None
-        secrets = [] if opts.include_phi else header_values(ds)
         notes: list[str] = []
         try:
             pixels, photometric = _dicom_pixels(p, ds, opts, notes)
             view, side, part = view_fields(ds, notes)
-        except ImageLoadError as e:
-            raise ImageLoadError(p, scrub(e.reason, secrets)) from None
         except Exception as e:  # noqa: BLE001 - decoder failures on hostile data, named and scrubbed
-            raise ImageLoadError(p, scrub(f"DICOM pixel data could not be decoded ({type(e).__name__}: {e})",
-                                          secrets)) from None
+            reason = e.reason if isinstance(e, ImageLoadError) else \
+                f"DICOM pixel data could not be decoded ({type(e).__name__}: {e})"
+            raise ImageLoadError(p, reason if opts.include_phi else scrub(reason, header_values(ds))) from None
     header = {k: str(ds.get(k)) for k in PHI_KEYWORDS if opts.include_phi and ds.get(k) not in (None, "")}
     return Image(pixels=pixels, path=str(p), id=safe_id(p), view=view, original_mode=f"DICOM {photometric}",
                  laterality=side, body_part=part, warnings=notes + fit_warnings(view, part, opts.label_modality),
