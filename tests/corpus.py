@@ -5,7 +5,7 @@ synthetic pixels.
 
     python -m tests.corpus OUT_DIR        # write the mixed folder (and print what each entry should give)
 
-`make_corpus(root)` returns {relative entry: Expect}, the outcome a batch must give for each entry:
+`make_corpus(root)` returns {relative entry (as `printable_path` shows it): Expect}, the outcome a batch must give for each entry:
 "scored" (a report; maybe with an input warning), "failed" (in errors.csv, reason containing `reason`)
 or "not_image" (only counted in the summary).
 """
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+
+from vlm.images import printable_path
 
 SHARED_CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih14-lowres"
 SIZE = 64  # px; above the loader's minimum side, small enough to keep batches fast
@@ -326,6 +328,10 @@ def _hostile(root: Path, px: list[np.ndarray]) -> dict[str, Expect]:
     PILImage.fromarray(g8).save(root / "linked_folder" / "linked.png")
     os.symlink(root / "linked_folder", root / "dir_link")
     os.symlink(root / "grey8.png", root / "file_link.png")  # the same image twice: scored once
+    odd_name = os.fsdecode(b"scan \xff from another encoding.png")  # not UTF-8: outputs show \xff
+    PILImage.fromarray(g8).save(root / odd_name, format="PNG")
+    PILImage.fromarray(g8[::-1]).save(root / "line\nbreak.png")
+    os.mkfifo(root / "named_pipe")  # opening it would block a naive reader forever
     for name in ("notes.txt", "labels.csv", "meta.json", ".DS_Store"):
         (root / name).write_text("plainly not an image\n")
     out = {"corrupt.png": Expect("failed", "corrupt"), "truncated.jpg": Expect("failed", "truncated"),
@@ -334,7 +340,9 @@ def _hostile(root: Path, px: list[np.ndarray]) -> dict[str, Expect]:
            "random.bin": Expect("failed", "not a recognised image"), "README": Expect("failed", "not a recognised"),
            "folder_named.png": Expect("failed", "folder"), "folder_named.png/inside.png": Expect("scored"),
            "broken_link.png": Expect("failed", "broken symbolic link"), "self_loop.png": Expect("failed", "loop"),
-           "dir_link": Expect("failed", "--follow-symlinks"), "linked_folder/linked.png": Expect("scored")}
+           "dir_link": Expect("failed", "--follow-symlinks"), "linked_folder/linked.png": Expect("scored"),
+           printable_path(odd_name): Expect("scored"), "line\nbreak.png": Expect("scored"),
+           "named_pipe": Expect("failed", "not a regular file")}
     out |= {n: Expect("not_image") for n in ("notes.txt", "labels.csv", "meta.json", ".DS_Store")}
     if os.geteuid() != 0:  # root reads any file, so a permission error cannot be made there
         PILImage.fromarray(g8).save(root / "unreadable.png")

@@ -197,7 +197,7 @@ def corpus(tmp_path_factory):
 
 
 def _rel(root, path):
-    return os.path.relpath(path, root)
+    return os.path.relpath(path, root)  # outputs already show paths as printable text
 
 
 def test_mixed_corpus_every_entry_scored_or_listed(backbone, corpus, tmp_path, openclip_dir):

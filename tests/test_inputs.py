@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 
 from tests.corpus import SIZE, make_corpus, quantise, synthetic_radiograph
 from vlm.images import (DEFAULT_MAX_PIXELS, MIN_SIDE, ImageLoadError, LoadOptions, discover, load_image,
-                        parse_window)
+                        parse_window, printable_path)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def corpus(tmp_path_factory):
 
 
 def rel(root: Path, entry) -> str:
-    return os.path.relpath(str(entry), root)
+    return printable_path(os.path.relpath(str(entry), root))
 
 
 def test_discovery_accounts_for_every_entry(corpus):

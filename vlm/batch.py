@@ -44,7 +44,7 @@ from markupsafe import Markup
 from .data import read_csv_table
 from .fileio import atomic_write_json, atomic_write_text
 from .html import figure_div, render, write_plotly_asset
-from .images import Discovery, discover, safe_id
+from .images import Discovery, discover, printable_path, safe_id
 from .report import assess, model_info, render_report, safe_json
 from .results import FINDINGS_CSV_COLUMNS, ImageFailure, ImageResult, findings_rows, to_csv
 
@@ -372,7 +372,7 @@ def _resume(run: _Run, paths: list[Path]) -> list[Path]:
     todo = []
     for p in paths:
         name = run.names[str(p)]
-        r = _load_done(run.reports_dir / f"{name}.json", str(p), run.sig)
+        r = _load_done(run.reports_dir / f"{name}.json", printable_path(p), run.sig)
         if r is None:
             todo.append(p)
             continue
@@ -387,6 +387,7 @@ def _resume(run: _Run, paths: list[Path]) -> list[Path]:
 
 def _record(run: _Run, out) -> None:
     key = str(out.image)
+    out.image = printable_path(key)  # outputs name the input as text; `key` is the path itself
     if isinstance(out, ImageFailure):
         run.failures[key] = out
         return
@@ -401,7 +402,7 @@ def _record(run: _Run, out) -> None:
     except OSError:
         raise  # the output folder is failing: stop (see _output_errors), do not blame the image
     except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
-        run.failures[key] = ImageFailure(key, f"report failed: {type(e).__name__}: {e}")
+        run.failures[key] = ImageFailure(out.image, f"report failed: {type(e).__name__}: {e}")
         return
     run.done[key] = out
     run.summary.scored += 1
@@ -446,7 +447,7 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
     reports_dir = prepare_out_dir(out_dir, sig, overwrite)
     summary = BatchSummary(out_dir=out_dir, total=len(paths) + len(found.skipped), not_images=found.not_images,
                            duplicates=found.duplicates, folders_not_scanned=found.folders_not_scanned)
-    skipped = [ImageFailure(entry, reason) for entry, reason in found.skipped]
+    skipped = [ImageFailure(printable_path(entry), reason) for entry, reason in found.skipped]
     with _output_errors(out_dir):
         asset = write_plotly_asset(out_dir)
         run = _Run(scorer, out_dir, reports_dir, threshold, sig, model_info(scorer.backbone),
@@ -463,6 +464,7 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
         atomic_write_text(out_dir / "findings.csv", _safe_csv(rows, FINDINGS_CSV_COLUMNS))
         atomic_write_text(out_dir / "findings.json", safe_json(rows) + "\n")
         write_errors(out_dir, summary.failed)
-        write_index(out_dir, summary.results, run.names, summary.failed, sig, run.model, run.clinical, f"{asset}")
+        shown = {printable_path(k): v for k, v in run.names.items()}  # results name inputs by printable path
+        write_index(out_dir, summary.results, shown, summary.failed, sig, run.model, run.clinical, f"{asset}")
         _prune(reports_dir, run.names)
     return summary

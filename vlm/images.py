@@ -133,6 +133,12 @@ def safe_id(path: str | Path) -> str:
     return f"{clean}-{digest}"
 
 
+def printable_path(path: str | Path) -> str:
+    """A path as text every output can hold: bytes that are not UTF-8 (a name from another system's
+    encoding) become \\xNN escapes instead of surrogates that no UTF-8 file or terminal can write."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # ----------------------------------------------------------------------------- content sniffing
 
 def sniff(head: bytes) -> str | None:
@@ -235,7 +241,8 @@ def _raster_array(im: PILImage.Image) -> np.ndarray:
 
 def _read_raster(p: Path, kind: str, opts: LoadOptions) -> Image:
     notes: list[str] = []
-    with PILImage.open(p) as im:
+    with warnings.catch_warnings(record=True) as caught, PILImage.open(p) as im:
+        warnings.simplefilter("always")  # e.g. corrupt EXIF: an input warning of this image, not stderr noise
         check_size(p, im.size[0], im.size[1], opts)
         mode = im.mode
         n_frames = int(getattr(im, "n_frames", 1) or 1)
@@ -245,6 +252,7 @@ def _read_raster(p: Path, kind: str, opts: LoadOptions) -> Image:
         im.load()
         upright = ImageOps.exif_transpose(im)  # camera/scanner orientation tag applied
         arr = _raster_array(upright)
+    notes += sorted({f"decoder warning: {w.message}" for w in caught})
     return Image(pixels=arr, path=str(p), id=safe_id(p), original_mode=mode, warnings=notes)
 
 
