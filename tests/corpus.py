@@ -238,12 +238,13 @@ def _rasters(root: Path, px: list[np.ndarray]) -> dict[str, Expect]:
     frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     frames[0].save(root / "multipage.tif", save_all=True, append_images=frames[1:])
     PILImage.fromarray(rgb).save(root / "photo.webp")
+    PILImage.fromarray(g8[5]).save(root / "film.jp2")
     PILImage.fromarray(g8[2]).save(root / "bmp_without_suffix", format="BMP")
     PILImage.fromarray(g8[3]).save(root / "png_named.jpg", format="PNG")
     PILImage.fromarray(g8[4]).save(root / "jpeg_named.dat", format="JPEG")
     return {n: Expect("scored") for n in (
         "grey8.png", "grey16.png", "rgb.jpg", "rgba.png", "palette.png", "grey_alpha.png", "cmyk.jpg", "grey16.tif",
-        "float32.tif", "bilevel.png", "exif_rotated.jpg", "photo.webp", "bmp_without_suffix", "png_named.jpg",
+        "float32.tif", "bilevel.png", "exif_rotated.jpg", "photo.webp", "film.jp2", "bmp_without_suffix", "png_named.jpg",
         "jpeg_named.dat")} | {"animated.gif": Expect("scored", "first"), "multipage.tif": Expect("scored", "first")}
 
 

@@ -201,3 +201,16 @@ def test_dicoms_made_from_shared_chest_images_keep_their_content(tmp_path):
         out = 1 - out if "mono1" in name else out
         assert np.corrcoef(out.ravel(), grey.ravel())[0, 1] > 0.999
     assert len(source_pixels(2, SIZE)) == 2
+
+
+def test_palette_colour(tmp_path):
+    idx = quantise(GREY, 8)
+    ds = dicom_dataset(idx, bits_allocated=8, photometric="PALETTE COLOR")
+    ramp = np.arange(256, dtype=np.uint16) * 257  # 16-bit entries
+    for colour, table in (("Red", ramp), ("Green", ramp[::-1].copy()), ("Blue", np.zeros(256, np.uint16))):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", table.tobytes())
+    im = load_image(save_dicom(ds, tmp_path / "palette.dcm"))
+    assert im.original_mode == "DICOM PALETTE COLOR"
+    assert np.array_equal(im.pixels[..., 0], idx) and np.array_equal(im.pixels[..., 1], 255 - idx)
+    assert (im.pixels[..., 2] == 0).all()

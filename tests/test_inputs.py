@@ -84,7 +84,8 @@ def test_explicit_inputs_and_patterns(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("name", ["grey8.png", "grey16.png", "rgb.jpg", "rgba.png", "palette.png", "grey_alpha.png",
-                                  "cmyk.jpg", "grey16.tif", "float32.tif", "bilevel.png", "photo.webp"])
+                                  "cmyk.jpg", "grey16.tif", "float32.tif", "bilevel.png", "photo.webp",
+                                  "film.jp2"])
 def test_raster_modes_read_to_rgb_uint8(corpus, name):
     root, _ = corpus
     im = load_image(root / name)

@@ -3,7 +3,7 @@
 Every reader returns 8-bit RGB pixels (H, W, 3) so that preprocessing variants and model
 transforms see one format; any problem is an `ImageLoadError` naming the file and the reason.
 
-Rasters (PNG, JPEG, TIFF, BMP, GIF, WebP, recognised by content, not by suffix): EXIF orientation
+Rasters (PNG, JPEG, TIFF, BMP, GIF, WebP, JPEG 2000; recognised by content, not by suffix): EXIF orientation
 is applied; 16-bit/32-bit greyscale is scaled by its real range (min..max); palette, LA, RGBA,
 CMYK and other modes become RGB (transparency composited on black); animated or multi-page files
 give their first frame, with a warning.
@@ -44,19 +44,20 @@ MIN_SIDE = 32  # px; smaller images hold no readable anatomy at any model's inpu
 # images a user allowed with max_pixels and warn on others.
 PILImage.MAX_IMAGE_PIXELS = None
 
-RASTER_KINDS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WebP")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom",
-                  ".dic"}
+RASTER_KINDS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WebP", "JPEG 2000")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".j2k", ".jpx",
+                  ".dcm", ".dicom", ".dic"}
 # Files that are plainly not images: counted in a folder scan's summary, not listed as errors.
 NOT_IMAGE_SUFFIXES = {".txt", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".md", ".rst", ".html", ".htm", ".yaml",
                       ".yml", ".log", ".ini", ".cfg", ".toml", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".rtf",
                       ".py", ".sh", ".bat", ".zip", ".gz", ".tgz", ".tar", ".7z", ".db", ".sqlite", ".npz", ".npy",
                       ".pt", ".safetensors", ".lnk", ".url", ".bak", ".tmp"}
 NOT_IMAGE_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
-NOT_AN_IMAGE = "not a recognised image format (expected PNG, JPEG, TIFF, BMP, GIF, WebP or DICOM)"
+NOT_AN_IMAGE = "not a recognised image format (expected PNG, JPEG, TIFF, BMP, GIF, WebP, JPEG 2000 or DICOM)"
 
 _MAGIC = [(b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-          (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF")]
+          (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000")]
 
 
 class ImageLoadError(Exception):
@@ -476,7 +477,8 @@ def read_dicom(p: Path, opts: LoadOptions) -> Image:
 
     with _quiet_pydicom():
         try:
-            ds = pydicom.dcmread(str(p), force=True)
+            # large elements (pixel data) are read only when used: the size check comes first
+            ds = pydicom.dcmread(str(p), force=True, defer_size="16 MB")
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as e:  # noqa: BLE001 - a parser's message may quote header bytes; only its type is shown
