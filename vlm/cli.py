@@ -13,6 +13,7 @@ from .commands.common import setup_logging
 from .commands.evaluate import calibrate_cmd, eval_cmd, prompts_compare
 from .commands.info import labels_cmd, models, prompts, variants_cmd
 from .commands.score import analyze, batch
+from .commands.serve import serve_cmd
 from .pretrain_cli import pretrain_command
 
 
@@ -32,7 +33,7 @@ def main(verbose, quiet):
 
 prompts.add_command(prompts_compare)
 for command in (analyze, batch, eval_cmd, calibrate_cmd, finetune_cmd, fewshot_study_cmd, pretrain_command,
-                labels_cmd, prompts, variants_cmd, models):
+                labels_cmd, prompts, variants_cmd, models, serve_cmd):
     main.add_command(command)
 
 

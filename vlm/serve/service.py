@@ -1,0 +1,259 @@
+"""What the API does with a request, independent of HTTP: the loaded model, one ready `Scorer` per
+option set, the model thread, and the pipeline upload -> decode -> variant tensors -> (batched)
+encoder -> `Scorer.result` -> the `analyze --json` object, plus the OOD verdict and heatmaps.
+
+The model loads once, in `start()` (a background thread, so /healthz answers while it loads);
+the served label sets' text embeddings and OOD guards are built before `ready` is set.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from .batcher import MicroBatcher
+from .config import ServeConfig
+from .errors import ApiError
+from .uploads import PrivateUploads
+
+logger = logging.getLogger(__name__)
+
+OOD_MODES = ("off", "warn", "reject")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    labels: str
+    threshold: float | None = None
+    prompt_styles: tuple[str, ...] | None = None
+    variants: tuple[str, ...] | None = None
+    heatmaps: bool = False
+    heatmap_alpha: float = 0.45
+    ood: str = "off"
+
+    @property
+    def scorer_key(self) -> tuple:
+        return self.labels, self.prompt_styles, self.variants
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    items = tuple(v.strip() for v in (value or "").split(",") if v.strip())
+    return items or None
+
+
+def _unit_float(name: str, value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"{name} must be a number in [0, 1], got {value[:40]!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise ApiError(422, "invalid_request", f"{name} must be in [0, 1], got {x}")
+    return x
+
+
+def _flag(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise ApiError(422, "invalid_request", f"{name} must be true or false, got {value[:40]!r}")
+
+
+KNOWN_FIELDS = {"labels", "threshold", "prompt_styles", "variants", "heatmaps", "heatmap_alpha", "ood", "charts", "clinical"}
+
+
+def parse_options(fields: dict[str, str], default_labels: str) -> PredictOptions:
+    """Form fields -> PredictOptions; 422 naming the field for a bad value or an unknown field."""
+    unknown = sorted(set(fields) - KNOWN_FIELDS)
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown form field(s): {', '.join(unknown)[:200]}; known: "
+                                               f"file, {', '.join(sorted(KNOWN_FIELDS))}")
+    ood = (fields.get("ood") or "off").strip().lower()
+    if ood not in OOD_MODES:
+        raise ApiError(422, "invalid_request", f"ood must be one of {', '.join(OOD_MODES)}, got {ood[:40]!r}")
+    threshold = fields.get("threshold", "").strip()
+    alpha = fields.get("heatmap_alpha", "").strip()
+    return PredictOptions(
+        labels=(fields.get("labels") or "").strip() or default_labels,
+        threshold=_unit_float("threshold", threshold) if threshold else None,
+        prompt_styles=_csv(fields.get("prompt_styles")), variants=_csv(fields.get("variants")),
+        heatmaps=_flag("heatmaps", fields.get("heatmaps", "")),
+        heatmap_alpha=_unit_float("heatmap_alpha", alpha) if alpha else 0.45, ood=ood)
+
+
+class ScoringService:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.uploads = PrivateUploads()
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.batcher: MicroBatcher | None = None
+        self.backbone = None
+        self.base = None  # the scorer built by load_scorer at start-up
+        self.label_sets: dict = {}
+        self.guards: dict[str, object] = {}  # label set -> OODGuard, or the reason there is none
+        self._scorers: OrderedDict[tuple, object] = OrderedDict()
+        self._decode_slots = threading.BoundedSemaphore(max(1, config.decode_workers))
+        self._loader: threading.Thread | None = None
+        self.batch_sizes: list[int] = []
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            self._loader = threading.Thread(target=self._load_safely, name="vlm-load", daemon=True)
+            self._loader.start()
+        else:
+            self._load()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self.ready.wait(timeout)
+        if self.load_error:
+            raise RuntimeError(self.load_error)
+        return self.ready.is_set()
+
+    def _load_safely(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # noqa: BLE001 - reported by /readyz and logged; the process keeps serving health
+            self.load_error = f"{type(e).__name__}: {e}"
+            logger.error("model failed to load: %s", self.load_error)
+
+    def _load(self) -> None:
+        from ..api import load_scorer
+
+        c = self.config
+        t0 = time.perf_counter()
+        self.base = load_scorer(c.model, c.label_sets[0], adapter=c.adapter, calibration=c.calibration,
+                                device=c.device, num_workers=0)
+        self.base.load_options = replace(self.base.load_options, **({"max_pixels": c.max_pixels} if c.max_pixels else {}))
+        self.backbone = self.base.backbone
+        self.label_sets[self.base.label_set.name] = self.base.label_set
+        self._scorers[PredictOptions(self.base.label_set.name).scorer_key] = self.base
+        for name in c.label_sets[1:]:
+            scorer = self._build_scorer(PredictOptions(name))  # warms this label set's text embeddings
+            self.label_sets[scorer.label_set.name] = scorer.label_set
+        for name, label_set in self.label_sets.items():
+            self.guards[name] = self._build_guard(label_set)
+        self._warm_encoder()
+        self.batcher = MicroBatcher(self._encode_batch, c.max_batch, c.max_wait_ms / 1000.0, c.max_queue,
+                                    on_batch=self.batch_sizes.append if len(self.batch_sizes) < 100_000 else None)
+        logger.info("model %s ready in %.1f s (label sets: %s)", self.backbone.name, time.perf_counter() - t0,
+                    ", ".join(self.label_sets))
+        self.ready.set()
+
+    def _build_guard(self, label_set):
+        from ..ood import OODError, OODGuard
+
+        try:
+            return OODGuard.for_model(self.backbone, label_set, text_cache=self.base.text_cache)
+        except OODError as e:
+            return str(e)
+
+    def _warm_encoder(self) -> None:
+        import torch
+
+        x = torch.zeros(len(self.base.variants), 3, self.backbone.image_size, self.backbone.image_size)
+        self._encode_batch([x])
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.uploads.close()
+
+    # ------------------------------------------------------------------ scorers per option set
+
+    def _build_scorer(self, opts: PredictOptions):
+        from ..api import resolve_calibration
+        from ..labels import load_label_set
+        from ..scoring import Scorer
+
+        base = self.base
+        if base.head is not None and opts.labels != base.label_set.name:
+            raise ApiError(422, "invalid_request", f"this server's adapter scores label set "
+                                                   f"{base.label_set.name!r} only")
+        label_set = base.label_set if opts.labels == base.label_set.name else load_label_set(opts.labels)
+        styles = list(opts.prompt_styles) if opts.prompt_styles else None
+        scorer = Scorer(self.backbone, label_set, styles, list(opts.variants) if opts.variants else None,
+                        num_workers=0, text_cache=base.text_cache, head=base.head, adapter_name=base.adapter_name,
+                        calibration=resolve_calibration(self.config.calibration, self.backbone, label_set,
+                                                        self.config.adapter),
+                        load_options=base.load_options)
+        self._remember(opts.scorer_key, scorer)
+        return scorer
+
+    def _remember(self, key, scorer) -> None:
+        self._scorers[key] = scorer
+        while len(self._scorers) > max(len(self.label_sets) + 1, self.config.max_scorers):
+            oldest = next(k for k in self._scorers if self._scorers[k] is not self.base)
+            del self._scorers[oldest]
+
+    async def scorer_for(self, opts: PredictOptions):
+        if opts.labels not in self.label_sets:
+            raise ApiError(422, "invalid_request", f"label set {opts.labels[:60]!r} is not served here; served: "
+                                                   f"{', '.join(self.label_sets)}")
+        scorer = self._scorers.get(opts.scorer_key)
+        if scorer is not None:
+            return scorer
+        try:
+            return await self.batcher.submit_call(lambda: self._build_scorer(opts))
+        except (ValueError, KeyError) as e:  # unknown variant or prompt style: the library names it
+            raise ApiError(422, "invalid_request", str(e).strip("'\"")) from None
+
+    # ------------------------------------------------------------------ the pipeline pieces
+
+    def decode(self, data: bytes, scorer):
+        """upload bytes -> (kind, Image, variant tensors); at most `decode_workers` at a time."""
+        from ..transforms import variant_tensors
+
+        with self._decode_slots:
+            kind, image = self.uploads.decode(data, scorer.load_options)
+            b = self.backbone
+            return kind, image, variant_tensors(image, scorer.variants, b.image_size, b.mean, b.std)
+
+    def _encode_batch(self, tensors: list):
+        import torch
+
+        from ..scoring import _autocast
+
+        sizes = [len(t) for t in tensors]
+        b = self.backbone
+        b.module.eval()
+        with torch.no_grad(), _autocast(b.device):
+            emb = b.encode_images(torch.cat(tensors).to(b.device)).float().cpu()
+        return list(torch.split(emb, sizes))
+
+    def result(self, scorer, image, embeddings, filename: str, threshold):
+        from ..images import safe_id
+        from ..scoring import EncodedImage
+
+        name = filename or "upload"
+        enc = EncodedImage(name, safe_id(name), embeddings, image.view, image.size, image.result_info())
+        return scorer.result(enc, threshold)
+
+    def ood_verdict(self, label_set: str, embeddings, variants) -> dict:
+        guard = self.guards.get(label_set)
+        if guard is None or isinstance(guard, str):
+            return {"available": False, "in_distribution": None, "reason": guard or "no OOD check for this label set"}
+        verdict = guard.check(embeddings, variants)
+        return {"available": True, **verdict.to_dict()}
+
+    def heatmaps(self, scorer, image, result, alpha: float) -> dict:
+        """Overlays (base64 PNG) of the positive findings, on the model thread (they need gradients)."""
+        from ..explain import ExplainError, encode_png, explain
+
+        labels = [f.label for f in result.positives]
+        if not labels:
+            return {"heatmaps": []}
+        try:
+            maps = explain(scorer, scorer.label_set, image, labels=labels)
+        except ExplainError as e:
+            return {"heatmaps": [], "heatmaps_unavailable": str(e)}
+        b64 = lambda png: base64.b64encode(png).decode("ascii")  # noqa: E731
+        items = [{**hm.to_dict(), "png_base64": b64(hm.png(image.pixels, alpha=alpha))} for hm in maps]
+        return {"heatmaps": items, "heatmap_base_png_base64": b64(encode_png(maps[0].overlay(image.pixels, alpha=0.0)))}
