@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batcher import QueueFull
@@ -265,7 +265,9 @@ def _api_routes(app: FastAPI, service: ScoringService, guarded: list) -> None:
               responses=_errors(401, 413, 415, 422, 503), summary="Score one image (the analyze --json object)")
     async def predict(request: Request):
         out, _result, _fields = await _score_upload(service, request)
-        return JSONResponse(out)
+        # serialised off the event loop: with heatmaps the body is megabytes and /healthz must stay fast
+        body = await run_in_threadpool(json.dumps, out, ensure_ascii=False)
+        return Response(body, media_type="application/json")
 
     @app.post("/v1/report", dependencies=guarded, response_class=HTMLResponse,
               openapi_extra=_upload_body({"clinical": {"type": "string", "description": "Clinical information."}}),

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class MicroBatcher:
         self._pending = 0
         self._lock = threading.Lock()
         self._seconds_per_job = 0.5  # running estimate, for Retry-After
+        # The model thread holds the GIL in Python-level work (Grad-CAM, PNG encoding); a short switch
+        # interval lets the event loop answer /healthz within milliseconds meanwhile.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._thread = threading.Thread(target=self._run, name="vlm-model", daemon=True)
         self._thread.start()
 

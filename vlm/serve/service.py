@@ -158,8 +158,9 @@ class ScoringService:
     def _warm_encoder(self) -> None:
         import torch
 
+        # a full batch once, so the allocator has grown to its working size before the first request
         x = torch.zeros(len(self.base.variants), 3, self.backbone.image_size, self.backbone.image_size)
-        self._encode_batch([x])
+        self._encode_batch([x] * self.config.max_batch)
 
     def close(self) -> None:
         if self.batcher is not None:

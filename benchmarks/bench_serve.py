@@ -1,0 +1,270 @@
+"""Bounded load against `vlm-xray serve` on loopback: micro-batched vs unbatched in the same run.
+
+    python benchmarks/bench_serve.py [--requests 500] [--clients 8] [--malformed 0.1] [--model NAME]
+
+For each mode (micro-batched --max-batch 8, unbatched --max-batch 1) a fresh server process is
+started on a free 127.0.0.1 port with the bundled model; the script measures a single request's
+latency (sequential, median of 8), then sends --requests POST /v1/predict from --clients
+concurrent clients, --malformed of them hostile (text, truncated PNG, a 16-px image, a bad
+option). It records throughput, p50/p95/p99 latency, status counts, whether every body is JSON
+with the expected keys, and the server's RSS (sampled every 0.25 s). Then, on the batched server,
+it sends heatmap requests from 4 clients while timing GET /healthz every 50 ms.
+Writes benchmarks/serve.md and benchmarks/serve.json. Loopback only; nothing leaves the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared" / "data" / "nih14"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def good_images(n: int = 24) -> list[tuple[str, bytes]]:
+    files = sorted(SHARED.glob("*.jpg"))[:n] if SHARED.is_dir() else []
+    files = files or sorted((REPO / "examples").glob("*.png"))
+    return [(f.name, f.read_bytes()) for f in files]
+
+
+def malformed_requests() -> list[tuple[str, bytes, dict]]:
+    small = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(small, format="PNG")
+    png = good_images(1)[0][1]
+    return [("notes.txt", b"patient notes, not an image\n" * 50, {}),
+            ("cut.png", b"\x89PNG\r\n\x1a\n" + png[8:200], {}),
+            ("tiny.png", small.getvalue(), {}),
+            ("bad-option.png", png, {"threshold": "7"})]
+
+
+class Server:
+    def __init__(self, max_batch: int, model: str | None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "vlm.cli", "-q", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
+               "--max-queue", "64"]
+        if model:
+            cmd += ["--model", model]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
+    def sample_memory(self):
+        def loop():
+            while not self._stop.is_set():
+                self.samples.append(rss_mb(self.proc.pid))
+                time.sleep(0.25)
+        self._stop.clear()
+        self.samples = []
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        return t
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def post(client: httpx.Client, url: str, name: str, data: bytes, fields: dict) -> tuple[int, float, bool]:
+    t = time.perf_counter()
+    r = client.post(url + "/v1/predict", files={"file": (name, data, "application/octet-stream")}, data=fields,
+                    timeout=300)
+    dt = time.perf_counter() - t
+    try:
+        body = r.json()
+        ok = ("findings" in body) if r.status_code == 200 else (set(body) == {"error", "detail"})
+    except ValueError:
+        ok = False
+    return r.status_code, dt, ok
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def run_load(server: Server, n: int, clients: int, malformed: float, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    goods, bads = good_images(), malformed_requests()
+    plan = [(True, goods[i % len(goods)]) if rng.random() >= malformed else (False, rng.choice(bads)) for i in range(n)]
+    with httpx.Client() as c:  # single-request latency, idle server
+        for name, data in goods[:2]:
+            post(c, server.url, name, data, {})
+        single = [post(c, server.url, *goods[i % len(goods)], {})[1] for i in range(8)]
+    results: list[tuple[bool, int, float, bool]] = []
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(item):
+        good, spec = item
+        if not hasattr(local, "client"):
+            local.client = httpx.Client()
+        name, data = spec[:2]
+        fields = spec[2] if not good else {}
+        status, dt, ok = post(local.client, server.url, name, data, fields)
+        with lock:
+            results.append((good, status, dt, ok))
+
+    sampler = server.sample_memory()
+    rss_start = rss_mb(server.proc.pid)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, plan))
+    wall = time.perf_counter() - t0
+    server.stop_sampling()
+    sampler.join()
+    rss_end = rss_mb(server.proc.pid)
+    stats = httpx.get(server.url + "/readyz").json()["batches"]
+    good_lat = [dt for good, st, dt, ok in results if good and st == 200]
+    statuses: dict[str, int] = {}
+    for _g, st, _dt, _ok in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    return {
+        "requests": n, "clients": clients, "malformed_sent": sum(1 for g, _ in plan if not g),
+        "wall_s": round(wall, 2), "throughput_rps": round(len(good_lat) / wall, 3),
+        "single_request_s": round(statistics.median(single), 3),
+        "p50_s": round(pct(good_lat, 50), 3), "p95_s": round(pct(good_lat, 95), 3), "p99_s": round(pct(good_lat, 99), 3),
+        "statuses": dict(sorted(statuses.items())), "server_errors_5xx": sum(v for k, v in statuses.items() if k >= "500"),
+        "well_formed_json": all(ok for *_, ok in results),
+        "rss_mb": {"start": round(rss_start, 1), "peak": round(max(server.samples or [rss_start]), 1),
+                   "end": round(rss_end, 1)},
+        "batches": stats,
+    }
+
+
+PINGER = """
+import json, sys, threading, time, httpx
+url, pings, stop = sys.argv[1], [], threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+with httpx.Client() as c:
+    while not stop.is_set():
+        t = time.perf_counter(); c.get(url + "/healthz", timeout=10); pings.append(time.perf_counter() - t)
+        time.sleep(0.05)
+print(json.dumps(pings))
+"""
+
+
+def healthz_under_heatmaps(server: Server, n_heatmap: int = 16, clients: int = 4) -> dict:
+    goods = good_images()
+
+    def heat(i):
+        with httpx.Client() as c:
+            return post(c, server.url, *goods[i % len(goods)], {"heatmaps": "true"})
+
+    # the pinger is its own process, so this process decoding megabyte heatmap bodies cannot delay its timing
+    pinger = subprocess.Popen([sys.executable, "-c", PINGER, server.url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        heat_results = list(pool.map(heat, range(n_heatmap)))
+    wall = time.perf_counter() - t0
+    pings = json.loads(pinger.communicate("stop\n", timeout=60)[0])
+    return {"heatmap_requests": n_heatmap, "heatmap_clients": clients, "wall_s": round(wall, 2),
+            "heatmap_statuses": sorted({st for st, _, _ in heat_results}),
+            "heatmap_p50_s": round(pct([dt for _, dt, _ in heat_results], 50), 3),
+            "healthz_pings": len(pings), "healthz_p50_ms": round(1000 * pct(pings, 50), 2),
+            "healthz_p99_ms": round(1000 * pct(pings, 99), 2), "healthz_max_ms": round(1000 * max(pings), 2)}
+
+
+def write_markdown(out: dict, path: Path) -> None:
+    b, u, h = out["batched"], out["unbatched"], out["healthz_under_heatmaps"]
+    rows = [("throughput (good req/s)", "throughput_rps"), ("single request (s, idle, median of 8)", "single_request_s"),
+            ("p50 (s)", "p50_s"), ("p95 (s)", "p95_s"), ("p99 (s)", "p99_s"), ("wall (s)", "wall_s"),
+            ("5xx", "server_errors_5xx"), ("every body well-formed JSON", "well_formed_json")]
+    lines = [f"# vlm-xray serve under bounded load ({out['date']})", "",
+             f"Command: `{out['command']}`", "",
+             f"Machine: {out['machine']}. Model: {out['model']}. {b['requests']} POST /v1/predict per mode from "
+             f"{b['clients']} concurrent clients on 127.0.0.1, {b['malformed_sent']} of them malformed (text, "
+             "truncated PNG, 16-px image, bad option). Images: "
+             f"{out['images']}.", "",
+             "| | micro-batched (--max-batch 8) | unbatched (--max-batch 1) |", "|---|---|---|"]
+    lines += [f"| {label} | {b[k]} | {u[k]} |" for label, k in rows]
+    lines += [f"| statuses | {b['statuses']} | {u['statuses']} |",
+              f"| server RSS start / peak / end (MB) | {b['rss_mb']['start']} / {b['rss_mb']['peak']} / {b['rss_mb']['end']} "
+              f"| {u['rss_mb']['start']} / {u['rss_mb']['peak']} / {u['rss_mb']['end']} |",
+              f"| mean images per encoder call | {b['batches'].get('mean_batch')} | {u['batches'].get('mean_batch')} |",
+              "", f"Micro-batched / unbatched throughput: **{out['batching_speedup']}x**. "
+              f"p95 / single-request latency (batched): **{out['p95_over_single']}x**.", "",
+              f"`/healthz` while {h['heatmap_requests']} heatmap requests ran from {h['heatmap_clients']} clients "
+              f"({h['healthz_pings']} pings): p50 {h['healthz_p50_ms']} ms, p99 **{h['healthz_p99_ms']} ms**, "
+              f"max {h['healthz_max_ms']} ms; heatmap request p50 {h['heatmap_p50_s']} s, statuses "
+              f"{h['heatmap_statuses']}.", "",
+              "The machine is shared with other jobs, so absolute numbers move from run to run; both modes run "
+              "back to back in one invocation so their ratio is the comparable number."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--malformed", type=float, default=0.1)
+    ap.add_argument("--heatmap-requests", type=int, default=16)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default=str(HERE / "serve"))
+    args = ap.parse_args()
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} CPU cores",
+           "model": args.model or "vlm-xray-starter (bundled)",
+           "images": f"{len(good_images())} files from " + ("../shared/data/nih14" if SHARED.is_dir() else "examples/"),
+           "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
+    for mode, max_batch in (("batched", 8), ("unbatched", 1)):
+        server = Server(max_batch, args.model)
+        try:
+            server.wait_ready()
+            out[mode] = run_load(server, args.requests, args.clients, args.malformed)
+            if mode == "batched":
+                out["healthz_under_heatmaps"] = healthz_under_heatmaps(server, args.heatmap_requests)
+        finally:
+            server.close()
+        print(mode, json.dumps(out[mode]), flush=True)
+    out["batching_speedup"] = round(out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2)
+    out["p95_over_single"] = round(out["batched"]["p95_s"] / out["batched"]["single_request_s"], 2)
+    Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
+    write_markdown(out, Path(args.out + ".md"))
+    print(Path(args.out + ".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
