@@ -181,7 +181,14 @@
     for (const [key, fig] of Object.entries(charts)) {
       const div = $("chart-" + key);
       if (!div) continue;
-      Plotly.react(div, fig.data, Object.assign({}, fig.layout, { autosize: true }), { displaylogo: false, responsive: true });
+      // the figure's long title becomes the card heading, so it wraps instead of being clipped
+      const title = fig.layout.title ? (fig.layout.title.text || fig.layout.title) : "";
+      const heading = div.previousElementSibling;
+      if (heading && heading.classList.contains("chart-title")) heading.textContent = title;
+      else div.before(el("h3", { class: "chart-title", text: title }));
+      const margin = Object.assign({}, fig.layout.margin, { t: 16 });
+      Plotly.react(div, fig.data, Object.assign({}, fig.layout, { title: { text: "" }, margin: margin, autosize: true }),
+        { displaylogo: false, responsive: true });
     }
   }
 
