@@ -30,7 +30,7 @@ from vlm.metrics import (
     roc_auc,
 )
 from vlm.prompt_classifier import build_prompt_classifier, ensemble
-from vlm.transforms import model_transform, resize_center_crop
+from vlm.transforms import crop_geometry, model_transform, resize_center_crop
 
 
 def _leftovers(folder, keep):
@@ -182,6 +182,7 @@ def test_resize_center_crop_shape_and_centre():
     out = resize_center_crop(img, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert out.min() == 255  # exactly the centre square survives the crop
+    assert crop_geometry(64, 128, 32) == (0.5, 32, 64, 0, 16)  # scale, resized h, w, crop top, left
     tall = resize_center_crop(np.zeros((300, 100, 3), dtype=np.uint8), 48)  # enlarging on the short side
     assert tall.shape == (48, 48, 3) and tall.flags["C_CONTIGUOUS"]
     t = model_transform(img, 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -218,3 +219,41 @@ def test_prompt_classifier_ensembles_and_marks_uncovered_labels():
     partial = build_prompt_classifier(ls, {"mine": {lab.name: lab.prompts[style]}}, _fake_embed, 10.0)
     pp = partial.probabilities(emb)[:, 0]
     assert torch.allclose(pp[:, 0], probs[:, 0, 0]) and torch.isnan(pp[:, 1:]).all()
+
+
+# ----------------------------------------------------------------------------- adapter folders
+
+def _save(out, head, ls, n_train=2):
+    from vlm.adapt.io import save_adapter
+
+    base = SimpleNamespace(name="tiny", fingerprint="f" * 16, source="tests", layout="open_clip")
+    return save_adapter(out, base, ls, head, {"method": "linear-probe", "lambda": 0.1, "cv": "leave-one-out", "trainable_params": 0,
+                                               "n_train_images": n_train})
+
+
+def test_adapter_folder_is_written_whole_and_never_over_a_foreign_folder(tmp_path, monkeypatch):
+    from vlm.adapt import io as adapter_io
+    from vlm.adapt.heads import PromptHead
+
+    ls = load_label_set("chestxray14")
+    head = PromptHead(torch.randn(1, len(ls.names), 2, 8), 10.0, True, ["simple"])
+    out = _save(tmp_path / "ad", head, ls)
+    (out / "stale.txt").write_text("from an older run")
+    _save(out, head, ls)  # replaced as a whole: nothing of the old folder survives
+    assert not (out / "stale.txt").exists() and (out / "head.safetensors").is_file()
+    second = (out / "adapter.json").read_text()
+
+    def broken_card(meta):
+        raise RuntimeError("template error")
+
+    monkeypatch.setattr(adapter_io, "render_card", broken_card)
+    with pytest.raises(RuntimeError):
+        _save(out, head, ls, n_train=3)  # its adapter.json would differ, were it written
+    assert (out / "adapter.json").read_text() == second  # the previous adapter, intact
+    assert _leftovers(tmp_path, {"ad"}) == []
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match="not an adapter folder"):
+        _save(foreign, head, ls)
+    assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8"

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import FileFormatError, atomic_write_json, read_json
+from .fileio import atomic_write_json, read_json
 from .metrics import choose_threshold, expected_calibration_error  # noqa: F401 (choose_threshold re-exported)
 
 FORMAT = "vlm-xray-calibration/1"
@@ -153,10 +153,7 @@ def load_calibration(path, label_set, fingerprint: str | None = None) -> Calibra
     """Read a calibration JSON for `label_set`; raises CalibrationError (a ValueError) with a clear
     message if it is unreadable, or made for another label set (or, given `fingerprint`, model)."""
     p = Path(path)
-    try:
-        d = read_json(p, what="calibration file")
-    except FileFormatError as e:
-        raise CalibrationError(str(e)) from e
+    d = read_json(p, what="calibration file", error=CalibrationError)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise CalibrationError(f"{p}: not a vlm-xray calibration file (expected format {FORMAT!r}); "
                                f"create one with `vlm-xray calibrate`")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 
+from .fileio import read_yaml
 from .labels import LabelSet, LabelSetError, list_label_sets, load_label_set
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ class LabelledData:
         training and evaluation rows read from *different* CSVs (nih14 and nih14-lowres share patients)."""
         return [(r.get("patient") or "").strip() or r["filename"] for r in self.rows] if self.rows else list(self.groups)
 
-
     def label_names(self, i: int) -> tuple[str, ...]:
         """Label names of row `i` (label-set order)."""
         return tuple(n for n, t in zip(self.label_set.names, self.targets[i]) if t)
@@ -138,10 +137,7 @@ def load_mapping(path: str | Path | None) -> dict[str, str]:
     if not path:
         return {}
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise DataError(f"{p}: cannot read label mapping ({e})") from e
+    data = read_yaml(p, what="label mapping", error=DataError)
     if not isinstance(data, dict):
         raise DataError(f"{p}: a label mapping must be a YAML mapping 'dataset name: label-set name'")
     return {str(k): str(v) for k, v in data.items()}

@@ -45,6 +45,7 @@ from .metrics import (  # noqa: F401
     evaluation_classes,
     expected_calibration_error,
     merge_classes,
+    prediction_arrays,
     reliability_bins,
     roc_auc,
     roc_curve,
@@ -99,10 +100,7 @@ def evaluate_predictions(
     fn, tn, ece, ...}} and for multi-class sets `multiclass` {accuracy, macro_f1, confusion, ...}.
     Undefined values are None (e.g. AUC of a label without positive rows).
     """
-    targets = np.asarray(targets)
-    probs = np.asarray(probs, dtype=np.float64)
-    if targets.shape != probs.shape or targets.ndim != 2:
-        raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, L)")
+    targets, probs = prediction_arrays(targets, probs)
     names, multilabel, _ = _label_info(label_set)
     if targets.shape[1] != len(names):
         raise ValueError(f"{targets.shape[1]} target columns but {len(names)} labels")

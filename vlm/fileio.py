@@ -96,7 +96,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old)  # rename onto the empty placeholder folder
+            try:
+                os.replace(path, old)  # rename onto the empty placeholder folder
+            except BaseException:
+                old.rmdir()
+                raise
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -110,34 +114,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read(path: str | Path, what: str, error: type[Exception], kind: str, parse, parse_errors) -> Any:
+    path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise FileFormatError(f"{path}: {what} not found") from e
+        raise error(f"{path}: {what} not found") from e
     except IsADirectoryError as e:
-        raise FileFormatError(f"{path}: {what} is a folder, expected a file") from e
+        raise error(f"{path}: {what} is a folder, expected a file") from e
     except (OSError, UnicodeDecodeError) as e:
-        raise FileFormatError(f"{path}: {what} unreadable ({e})") from e
+        raise error(f"{path}: {what} unreadable ({e})") from e
+    try:
+        return parse(text)
+    except parse_errors as e:
+        raise error(f"{path}: not valid {kind}: {e}") from e
 
 
-def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
-    """Parsed YAML (safe_load) of `path`; FileFormatError naming the file when missing/unreadable/invalid."""
+def read_yaml(path: str | Path, what: str = "YAML file", error: type[Exception] = FileFormatError) -> Any:
+    """Parsed YAML (safe_load) of `path`. Missing, unreadable or invalid: `error` (FileFormatError, or
+    the caller's own ValueError subclass such as LabelSetError) with a message naming the file."""
     import yaml
 
-    path = Path(path)
-    text = _read_text(path, what)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise FileFormatError(f"{path}: not valid YAML: {e}") from e
+    return _read(path, what, error, "YAML", yaml.safe_load, yaml.YAMLError)
 
 
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Parsed JSON of `path`; FileFormatError naming the file when missing/unreadable/invalid."""
-    path = Path(path)
-    text = _read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FileFormatError(f"{path}: not valid JSON: {e}") from e
+def read_json(path: str | Path, what: str = "JSON file", error: type[Exception] = FileFormatError) -> Any:
+    """Parsed JSON of `path`; errors as in `read_yaml`."""
+    return _read(path, what, error, "JSON", json.loads, json.JSONDecodeError)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .fileio import FileFormatError, read_yaml
+from .fileio import read_yaml
 
 MODES = ("multilabel", "multiclass")
 
@@ -221,10 +221,7 @@ def load_label_set(name_or_path: str | Path) -> LabelSet:
                 f"(or pass a path to a YAML file)"
             )
         path = available[str(name_or_path)]
-    try:
-        data = read_yaml(path, what="label-set file")
-    except FileFormatError as e:
-        raise LabelSetError(str(e)) from e
+    data = read_yaml(path, what="label-set file", error=LabelSetError)
     if not isinstance(data, dict):
         raise LabelSetError(f"{path}: top level must be a mapping with keys name, mode, prompt_styles, labels")
     return parse_label_set(data, str(path))

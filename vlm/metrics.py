@@ -227,15 +227,21 @@ def _round6(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
+def prediction_arrays(targets, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, float64 probs) checked to be the same (N, L) shape."""
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    if targets.shape != probs.shape or targets.ndim != 2:
+        raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, L)")
+    return targets, probs
+
+
 def auc_metrics(targets: np.ndarray, probs: np.ndarray, label_set) -> dict:
     """{"macro_auc", "per_label": {class: auc | None}, "n"} for (N, L) arrays over the evaluated classes.
 
     Values are rounded to 6 digits and the macro AUC is the mean of the rounded per-class AUCs,
     exactly as `vlm-xray eval` reports `mean_auc` (`evaluate_predictions`)."""
-    targets = np.asarray(targets)
-    probs = np.asarray(probs, dtype=np.float64)
-    if targets.shape != probs.shape or targets.ndim != 2:
-        raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be (N, L)")
+    targets, probs = prediction_arrays(targets, probs)
     classes = evaluation_classes(label_set, targets)
     t, p = merge_classes(classes, targets, probs)
     per = {name: _round6(roc_auc(t[:, j], p[:, j])) for j, (name, _) in enumerate(classes)}

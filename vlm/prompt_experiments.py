@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from .evaluate import cache_line, encode_dataset, evaluate_predictions, evaluation_classes
-from .fileio import FileFormatError, atomic_write_text, read_yaml
+from .fileio import atomic_write_text, read_yaml
 from .labels import LabelSet, LabelSetError, PromptPair, parse_label_set
 from .prompt_classifier import build_prompt_classifier
 
@@ -24,10 +24,7 @@ from .prompt_classifier import build_prompt_classifier
 def load_prompt_file(base: LabelSet, path) -> dict[str, dict[str, PromptPair]]:
     """{'<stem>:<style>': {label: PromptPair}} from a prompt file for `base` (label names must exist)."""
     p = Path(path)
-    try:
-        data = read_yaml(p, what="prompt file")
-    except FileFormatError as e:
-        raise LabelSetError(str(e)) from e
+    data = read_yaml(p, what="prompt file", error=LabelSetError)
     if not isinstance(data, dict):
         raise LabelSetError(f"{p}: top level must be a mapping with keys name, prompt_styles, labels")
     data = {"name": base.name, "mode": base.mode, **data}

@@ -13,15 +13,20 @@ import cv2
 import numpy as np
 
 
+def crop_geometry(h: int, w: int, size: int) -> tuple[float, int, int, int, int]:
+    """(scale, resized height, resized width, crop top, crop left) of `resize_center_crop` for an
+    h x w image: what maps model-input positions back to original pixels (e.g. heatmaps)."""
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    return scale, nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
 def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     """uint8 HxWx3 -> uint8 size x size x 3: shorter side resized to `size` (area filter when
     shrinking, bicubic when enlarging), then the centre `size` x `size` crop."""
-    h, w = pixels.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale, nh, nw, top, left = crop_geometry(*pixels.shape[:2], size)
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     img = cv2.resize(pixels, (nw, nh), interpolation=interp)
-    top, left = (nh - size) // 2, (nw - size) // 2
     return np.ascontiguousarray(img[top : top + size, left : left + size])
 
 

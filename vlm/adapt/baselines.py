@@ -69,6 +69,15 @@ def _confident(t, p_new, p_zs, label_set, seed) -> bool:
     return gain >= MIN_GAIN and lower > 0
 
 
+def _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, val, val_features):
+    """(shot features, shot targets, validation features or None, zero-shot PromptHead, its classifier)."""
+    x, y, _ = features if features is not None else frozen_features(backbone, train, cache)
+    if val_features is None and val is not None and len(val):
+        val_features = frozen_features(backbone, val, cache)
+    clf = text_classifier(backbone, label_set, styles)
+    return x, y, val_features, PromptHead.from_classifier(clf), clf
+
+
 def _score(targets: np.ndarray, probs: np.ndarray, label_set: LabelSet) -> float:
     m = auc_metrics(targets, probs, label_set)["macro_auc"]
     return -1.0 if m is None else float(m)
@@ -124,11 +133,8 @@ def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledD
     """Fit on the shots; lambda by validation AUC when `val` is given, else cross-validation."""
     t0 = time.time()
     torch.manual_seed(seed)
-    x, y, _ = features if features is not None else frozen_features(backbone, train, cache)
-    if val_features is None and val is not None and len(val):
-        val_features = frozen_features(backbone, val, cache)
-    clf = text_classifier(backbone, label_set, styles)
-    zs = PromptHead.from_classifier(clf)
+    x, y, val_features, zs, clf = _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, val,
+                                                       val_features)
     w0 = _zero_shot_linear(zs)
     ml = label_set.multilabel
     zero = (torch.zeros(w0.shape[1:]), torch.zeros(w0.shape[1]))
@@ -176,11 +182,8 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
                       val_features=None) -> tuple[TipAdapterHead, dict]:
     """Cache = the shots; (alpha, beta) by validation AUC when `val` is given, else leave-one-out."""
     t0 = time.time()
-    x, y, _ = features if features is not None else frozen_features(backbone, train, cache)
-    if val_features is None and val is not None and len(val):
-        val_features = frozen_features(backbone, val, cache)
-    clf = text_classifier(backbone, label_set, styles)
-    zs = PromptHead.from_classifier(clf)
+    x, y, val_features, zs, clf = _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, val,
+                                                       val_features)
     ml = label_set.multilabel
     yt = torch.from_numpy(np.asarray(y)).float()
     qx, qy = (x, y) if val_features is None else (val_features[0], val_features[1])

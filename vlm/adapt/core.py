@@ -12,7 +12,7 @@ import torch
 from ..data import LabelledData, sample_shots
 from ..labels import LabelSet
 from ..models import Backbone
-from .io import load_adapter, read_adapter_meta, save_adapter
+from .io import check_adapter_target, load_adapter, read_adapter_meta, save_adapter
 from .lora import LoraSettings, LoraTargetError, detect_targets, find_candidates, train_lora, verify_targets
 from ..metrics import auc_metrics
 
@@ -98,6 +98,8 @@ def finetune(
     on `eval_data` (rows of training patients removed) and save the adapter folder."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if out_dir is not None:
+        check_adapter_target(out_dir)  # before training: a run must not be lost to an unusable --out
     idx = sample_shots(data, shots, seed)
     if len(idx) == 0:
         raise ValueError(f"{data.csv_path}: no rows to train on for label set {label_set.name}")

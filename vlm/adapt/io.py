@@ -72,6 +72,18 @@ def _hash_files(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def check_adapter_target(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path if an adapter may be written there (absent, empty, or an adapter folder, which
+    is replaced); ValueError (a user error) otherwise. Call it before training so a run is not wasted."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose a folder for the adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter.json").is_file():
+        raise ValueError(f"{out} exists and is not an adapter folder (no adapter.json); choose a new or empty "
+                              f"folder for the adapter")
+    return out
+
+
 def save_adapter(
     out_dir: str | Path,
     base: Backbone,
@@ -86,10 +98,7 @@ def save_adapter(
     metrics: dict | None = None,
 ) -> Path:
     """Write an adapter folder as a whole; returns it. `lora_module` is the backbone module with LoRA layers."""
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "adapter.json").is_file():
-        raise FileExistsError(f"{out} exists and is not an adapter folder (no adapter.json); choose a new or empty "
-                              f"folder for the adapter")
+    out = check_adapter_target(out_dir)
     with atomic_dir(out) as tmp:
         _write_adapter_files(tmp, out.name, base, label_set, head, info, lora_module, lora_config, extra_state,
                              training, metrics)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..data import LabelledData, patient_split, sample_shots
+from ..fileio import read_json
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
 from ..models import Backbone
@@ -171,7 +172,7 @@ def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[Labelled
     if not f.is_file():
         raise ValueError(f"--holdout pretrain-val needs the base model's metrics.json (from vlm-xray pretrain); "
                          f"{f} not found")
-    cfg = json.loads(f.read_text()).get("config", {})
+    cfg = read_json(f, what="model metrics file").get("config", {})
     seed, frac = int(cfg.get("seed", 0)), float(cfg.get("val_fraction", 0.15))
     pool, held = patient_split(data.groups, frac, seed)  # groups are "<csv folder>/<patient>", as in pretraining
     if not len(held):
