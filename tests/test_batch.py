@@ -119,18 +119,18 @@ def test_interrupted_batch_resumes(backbone, inputs, tmp_path):
     out = tmp_path / "out"
     counter = {"images": 0}
     scorer = make_scorer(backbone, counter)
-    real = scorer.score
-    calls = {"n": 0}
 
-    def dying_score(paths, threshold=0.5, progress=False):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed while scoring the second chunk
-        yield from real(paths, threshold, progress)
+    class DyingEngine:  # the local engine, killed after it has scored two images
+        def results(self, scorer, paths, threshold):
+            from vlm.engines import get_engine
 
-    scorer.score = dying_score
+            for k, result in enumerate(get_engine("local").results(scorer, paths, threshold)):
+                if k == 2:
+                    raise KeyboardInterrupt
+                yield result
+
     with pytest.raises(KeyboardInterrupt):
-        run_batch(scorer, [str(image_dir)], out, 0.4, progress=False, chunk_size=2)
+        run_batch(scorer, [str(image_dir)], out, 0.4, progress=False, chunk_size=2, engine=DyingEngine())
     assert len(list((out / "reports").glob("*.json"))) == 2 and not (out / "index.html").exists()
     check_outputs_parse(out) if (out / "findings.json").exists() else None
     counter["images"] = 0

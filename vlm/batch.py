@@ -408,33 +408,45 @@ def _record(run: _Run, out) -> None:
     run.summary.scored += 1
 
 
-def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress: bool) -> None:
+def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress: bool, engine=None) -> None:
+    """One streaming pass of `engine` (default: local) over `todo`; reports are written by the background
+    writer while the engine encodes, errors.csv again after every `chunk_size` written results."""
+    from .engines import BackgroundWriter, get_engine
+
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.summary.total, initial=run.summary.total - len(todo), desc="batch", unit="img",
                    file=sys.stderr, mininterval=0.5)
-    for start in range(0, len(todo), max(1, chunk_size)):
-        for out in run.scorer.score(todo[start : start + chunk_size], run.threshold):
-            _record(run, out)
-            if bar is not None:
-                bar.update(1)
-        if run.failures:
+    written = [0]
+
+    def write(out) -> None:
+        _record(run, out)
+        written[0] += 1
+        if run.failures and written[0] % max(1, chunk_size) == 0:
             write_errors(run.out_dir, all_failures())
+        if bar is not None:
+            bar.update(1)
+
+    with BackgroundWriter(write) as writer:
+        for out in (engine or get_engine("local")).results(run.scorer, todo, run.threshold):
+            writer.submit(out)
+    if run.failures:
+        write_errors(run.out_dir, all_failures())
     if bar is not None:
         bar.close()
 
 
 def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, threshold: float | None = None,
               clinical: str | None = None, progress: bool = True, chunk_size: int = 32, *, overwrite: bool = False,
-              recursive: bool = True, follow_symlinks: bool = False) -> BatchSummary:
+              recursive: bool = True, follow_symlinks: bool = False, engine=None) -> BatchSummary:
     """Score `inputs` (files, folders, globs, CSV lists) and write the batch folder; resumable.
 
     threshold: as `Scorer.thresholds` (None: the calibration's per-label thresholds, else 0.5).
     overwrite: replace an existing batch folder instead of resuming it. recursive / follow_symlinks: how
     folders are scanned (see `vlm.images.discover`). How images are read (DICOM window, pixel limit,
-    PHI) is the scorer's `load_options`."""
+    PHI) is the scorer's `load_options`. engine: a `vlm.engines` engine (default: local)."""
     out_dir = Path(out_dir)
     views: dict[str, str] = {}
     found = gather_inputs(inputs, views, recursive, follow_symlinks)
@@ -457,7 +469,7 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
             return skipped + [run.failures[str(p)] for p in paths if str(p) in run.failures]
 
         todo = _resume(run, paths)
-        _score(run, todo, all_failures, chunk_size, progress)
+        _score(run, todo, all_failures, chunk_size, progress, engine)
         summary.results = [run.done[str(p)] for p in paths if str(p) in run.done]
         summary.failed = all_failures()
         rows = findings_rows(summary.results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .commands.adapt import fewshot_study_cmd, finetune_cmd
+from .commands.cache import cache as cache_cmd
 from .commands.common import setup_logging
 from .commands.evaluate import calibrate_cmd, eval_cmd, prompts_compare
 from .commands.info import labels_cmd, models, prompts, variants_cmd
@@ -32,6 +33,7 @@ def main(verbose, quiet):
 
 
 prompts.add_command(prompts_compare)
+main.add_command(cache_cmd)
 for command in (analyze, batch, eval_cmd, calibrate_cmd, finetune_cmd, fewshot_study_cmd, pretrain_command,
                 labels_cmd, prompts, variants_cmd, models, serve_cmd):
     main.add_command(command)

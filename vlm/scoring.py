@@ -7,6 +7,7 @@ embeddings per style -> probabilities per (variant, style, label) -> Findings (m
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -17,8 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .fileio import atomic_path
-from .images import ImageLoadError, LoadOptions, load_image
+from .images import ImageLoadError, LoadOptions, load_image, safe_id
 from .labels import LabelSet
 from .models import Backbone
 # the prompt classifier and the image transforms have their own modules; re-exported so that
@@ -30,78 +30,133 @@ from .transforms import model_transform, variant_tensors  # noqa: F401
 from .variants import resolve_variants
 
 
-class _VariantDataset(Dataset):
-    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std,
-                 load_options: LoadOptions | None = None):
-        self.paths, self.variants, self.size, self.mean, self.std = paths, variants, size, mean, std
-        self.load_options = load_options
+# ----------------------------------------------------------------------------- paths -> embeddings
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        path = self.paths[i]
-        try:
-            image = load_image(path, self.load_options)
-            x = variant_tensors(image, self.variants, self.size, self.mean, self.std)
-            meta = {"path": path, "id": image.id, "view": image.view, "size": image.size, "info": image.result_info()}
-            return meta, x, None
-        except ImageLoadError as e:
-            return {"path": path}, None, e.reason
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch; reason is reported
-            return {"path": path}, None, f"{type(e).__name__}: {e}"
+# Bump when image loading, a variant or the model transform changes the pixels the encoder sees:
+# stored image embeddings of older versions are then not used (and age out of the store).
+PREPROCESS_VERSION = 1
 
 
-def _collate(items):
-    return items
+def preprocessing_key(backbone: Backbone, load_options: LoadOptions | None = None) -> str:
+    """Everything besides model, file content and variant that changes a stored image entry."""
+    opts = load_options or LoadOptions()
+    spec = {"version": PREPROCESS_VERSION, "size": backbone.image_size, "mean": [round(float(m), 6) for m in backbone.mean],
+            "std": [round(float(s), 6) for s in backbone.std], "window": list(opts.window) if opts.window else None,
+            "multiframe": opts.multiframe, "include_phi": opts.include_phi, "label_modality": opts.label_modality,
+            "max_pixels": opts.max_pixels, "min_side": opts.min_side}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha1()
+    """sha256 of a file's bytes: the content part of an image's store key."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-class ImageEmbeddingCache:
-    """Image embeddings keyed by (model fingerprint, file content, variant) on disk, so that
-    re-scoring the same images with other prompts costs only text work."""
+@dataclass
+class _StoreLookup:
+    """What a worker needs to look an image up in the store (a location, not a connection: workers fork)."""
 
-    def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir() / "images"
+    location: str
+    max_bytes: int | None
+    fingerprint: str
+    prep: str
+
+
+@dataclass
+class PreparedImage:
+    """One input after the CPU stage: model tensors (V, 3, H, W), a stored embedding, or a failure."""
+
+    path: str
+    meta: dict = field(default_factory=dict)  # id, view, size, info
+    pixels: torch.Tensor | None = None
+    cached: np.ndarray | None = None  # (V, D) from the store
+    digest: str | None = None
+    error: str | None = None
+
+
+def prepare_image(path: str, variants: list[str], size: int, mean, std, load_options: LoadOptions | None = None,
+                  lookup: _StoreLookup | None = None) -> PreparedImage:
+    """The CPU stage for one path: store lookup by content, else load + variants + model transform."""
+    digest = None
+    try:
+        if lookup is not None and os.path.exists(lookup.location):  # (a cluster node may have no store)
+            try:
+                digest = file_digest(path)
+            except OSError:
+                digest = None  # unreadable: load_image below names the reason
+            if digest is not None:
+                from .store import open_store
+
+                hit = open_store(lookup.location, lookup.max_bytes).get_image(lookup.fingerprint, digest, lookup.prep,
+                                                                              variants)
+                if hit is not None:
+                    return PreparedImage(path, hit[1], cached=hit[0], digest=digest)
+        image = load_image(path, load_options)
+        x = variant_tensors(image, variants, size, mean, std)
+        meta = {"view": image.view, "size": list(image.size), "info": image.result_info()}
+        return PreparedImage(path, meta, pixels=x, digest=digest)
+    except ImageLoadError as e:
+        return PreparedImage(path, error=e.reason)
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch; reason is reported
+        return PreparedImage(path, error=f"{type(e).__name__}: {e}")
+
+
+class _VariantDataset(Dataset):
+    """Map-style over the whole input list: the DataLoader streams it in order, a few batches ahead."""
+
+    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std,
+                 load_options: LoadOptions | None = None, lookup: _StoreLookup | None = None):
+        self.paths, self.variants, self.size, self.mean, self.std = paths, variants, size, mean, std
+        self.load_options, self.lookup = load_options, lookup
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> PreparedImage:
+        return prepare_image(self.paths[i], self.variants, self.size, self.mean, self.std, self.load_options,
+                             self.lookup)
+
+
+def _collate(items: list[PreparedImage]) -> dict:
+    """In the worker: one (sum V, 3, H, W) tensor per batch - one shared-memory transfer, pinnable."""
+    tensors = [it.pixels for it in items if it.pixels is not None]
+    for it in items:
+        it.pixels = None
+    return {"items": items, "pixels": torch.cat(tensors) if tensors else None}
+
+
+class ImageEmbeddingCache:
+    """Image embeddings in the embedding store (`vlm.store`), keyed by (model fingerprint, file
+    content, variant, preprocessing), so that re-scoring the same images with other prompts or
+    thresholds costs only text work. `hits` / `misses` count images read back / encoded."""
+
+    def __init__(self, directory: str | Path | None = None, max_bytes: int | None = None):
+        from .store import open_store, store_path
+
+        self.directory = Path(directory) if directory else default_cache_dir()
+        self.max_bytes = max_bytes
+        self.store = open_store(self.directory, max_bytes)
+        self.location = str(store_path(self.directory))
         self.hits = 0
         self.misses = 0
 
-    def _file(self, fingerprint: str, digest: str) -> Path:
-        return self.directory / fingerprint / f"{digest}.npz"
+    def lookup(self, fingerprint: str, prep: str) -> _StoreLookup:
+        return _StoreLookup(self.location, self.max_bytes, fingerprint, prep)
 
-    def get(self, fingerprint: str, digest: str, variants: list[str]) -> np.ndarray | None:
-        f = self._file(fingerprint, digest)
-        if not f.is_file():
+    def get(self, fingerprint: str, digest: str, variants: list[str], prep: str = "-") -> np.ndarray | None:
+        hit = self.store.get_image(fingerprint, digest, prep, variants)
+        if hit is None:
             return None
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                if all(v in z.files for v in variants):
-                    self.hits += 1
-                    return np.stack([z[v] for v in variants])
-        except (OSError, ValueError):
-            return None  # unreadable entry: recomputed and overwritten below
-        return None
+        self.hits += 1
+        return hit[0]
 
-    def put(self, fingerprint: str, digest: str, variants: list[str], emb: np.ndarray) -> None:
-        f = self._file(fingerprint, digest)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        existing = {}
-        if f.is_file():
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    existing = {k: z[k] for k in z.files}
-            except (OSError, ValueError):
-                existing = {}
-        existing.update({v: e.astype(np.float32) for v, e in zip(variants, emb)})
-        with atomic_path(f) as tmp:
-            np.savez(tmp, **existing)
+    def put(self, fingerprint: str, digest: str, variants: list[str], emb: np.ndarray, prep: str = "-",
+            meta: dict | None = None) -> None:
+        self.store.put_images(fingerprint, [(digest, prep, variants, emb, meta or {})])
         self.misses += 1
 
 
@@ -122,10 +177,43 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(n_items: int) -> int:
+    """Decode workers: every CPU but the one the encoder loop runs on (at most 8), none for a few images."""
     if n_items < 4:
         return 0  # starting a worker costs more than decoding a couple of images
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, available_cpus() - 1))
+
+
+def _encoded(item: PreparedImage, emb: torch.Tensor) -> EncodedImage:
+    meta = item.meta
+    size = tuple(meta["size"]) if meta.get("size") else None
+    return EncodedImage(item.path, safe_id(item.path), emb, meta.get("view"), size, dict(meta.get("info") or {}))
+
+
+def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_size: int, num_workers: int | None,
+            lookup: _StoreLookup | None, load_options: LoadOptions | None) -> DataLoader:
+    workers = default_workers(len(paths)) if num_workers is None else num_workers
+    dataset = _VariantDataset(paths, variants, backbone.image_size, backbone.mean, backbone.std, load_options, lookup)
+    return DataLoader(dataset, batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
+                      pin_memory=backbone.device.type == "cuda",
+                      prefetch_factor=2 if workers else None)
+
+
+def _forward(backbone: Backbone, pixels: torch.Tensor, encoder) -> torch.Tensor:
+    """All variants of all images of a batch in one forward pass (channels-last + autocast on GPU)."""
+    device = backbone.device
+    if device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    pixels = pixels.to(device, non_blocking=True)
+    with _autocast(device):
+        return (encoder or backbone.encode_images)(pixels).float().cpu()
 
 
 @torch.no_grad()
@@ -138,75 +226,56 @@ def encode_images(
     cache: ImageEmbeddingCache | None = None,
     progress: bool = False,
     load_options: LoadOptions | None = None,
+    encoder=None,
 ) -> Iterator[EncodedImage | ImageFailure]:
-    """Yield one `EncodedImage` (or `ImageFailure`) per path, in input order.
+    """Yield one `EncodedImage` (or `ImageFailure`) per path, in input order, as batches finish.
 
-    Decoding and variants run in DataLoader workers while the model encodes; `batch_size`
-    counts images, each contributing len(variants) tensors to the encoder batch.
+    One streaming pipeline over the whole list: DataLoader workers (sized to the machine) look each
+    file up in the store by content and decode + preprocess the rest, a couple of batches ahead;
+    memory holds only those batches. `batch_size` counts images, each contributing len(variants)
+    tensors to one forward pass. `encoder` replaces `backbone.encode_images` (e.g. a compiled one).
     """
     paths = [str(p) for p in paths]
-    device = backbone.device
     backbone.module.eval()
-    todo, cached = [], {}
-    if cache is not None:
-        for p in paths:
-            try:
-                digest = file_digest(p)
-            except OSError:
-                todo.append(p)
-                continue
-            hit = cache.get(backbone.fingerprint, digest, variants)
-            if hit is None:
-                todo.append(p)
-            else:
-                cached[p] = (digest, hit)
-    else:
-        todo = paths
-    computed: dict[str, EncodedImage | ImageFailure] = {}
+    if backbone.device.type == "cuda":
+        backbone.module.to(memory_format=torch.channels_last)
+    lookup = cache.lookup(backbone.fingerprint, preprocessing_key(backbone, load_options)) if cache else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(paths), desc="images", unit="img", initial=len(paths) - len(todo))
-    if todo:
-        workers = default_workers(len(todo)) if num_workers is None else num_workers
-        loader = DataLoader(
-            _VariantDataset(todo, variants, backbone.image_size, backbone.mean, backbone.std, load_options),
-            batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
-            persistent_workers=False, prefetch_factor=2 if workers else None,
-        )
-        n_variants = len(variants)
-        for items in loader:
-            good = [(meta, x) for meta, x, err in items if err is None]
-            for meta, _, err in items:
-                if err is not None:
-                    computed[meta["path"]] = ImageFailure(meta["path"], err)
-            if good:
-                x = torch.cat([x for _, x in good]).to(device, non_blocking=True)
-                with _autocast(device):
-                    emb = backbone.encode_images(x).float().cpu()
-                emb = emb.view(len(good), n_variants, -1)
-                for (meta, _), e in zip(good, emb):
-                    computed[meta["path"]] = EncodedImage(meta["path"], meta["id"], e, meta["view"], meta["size"], meta["info"])
-                    if cache is not None:
-                        try:
-                            cache.put(backbone.fingerprint, file_digest(meta["path"]), variants, e.numpy())
-                        except OSError as err:
-                            import warnings
-
-                            warnings.warn(f"could not write image-embedding cache: {err}")
-            if bar is not None:
-                bar.update(len(items))
+        bar = tqdm(total=len(paths), desc="images", unit="img")
+    n_variants = len(variants)
+    for batch in _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options):
+        items: list[PreparedImage] = batch["items"]
+        fresh = [it for it in items if it.error is None and it.cached is None]
+        emb = _forward(backbone, batch["pixels"], encoder).view(len(fresh), n_variants, -1) if fresh else None
+        if cache is not None:
+            _store_batch(cache, lookup, fresh, emb, variants, items)
+        done = iter(range(len(fresh)))
+        for it in items:
+            if it.error is not None:
+                yield ImageFailure(it.path, it.error)
+            elif it.cached is not None:
+                yield _encoded(it, torch.from_numpy(np.array(it.cached)))
+            else:
+                yield _encoded(it, emb[next(done)])
+        if bar is not None:
+            bar.update(len(items))
     if bar is not None:
         bar.close()
-    for p in paths:
-        if p in computed:
-            yield computed[p]
-        else:
-            digest, emb = cached[p]
-            from .images import safe_id
 
-            yield EncodedImage(p, safe_id(p), torch.from_numpy(emb))
+
+def _store_batch(cache: ImageEmbeddingCache, lookup: _StoreLookup, fresh: list[PreparedImage], emb, variants,
+                 items: list[PreparedImage]) -> None:
+    """New embeddings in one transaction; hits marked as used (the store's LRU clock)."""
+    hits = [(it.digest, lookup.prep) for it in items if it.cached is not None]
+    new = [(it.digest, lookup.prep, variants, e.numpy(), it.meta) for it, e in zip(fresh, emb if fresh else [])
+           if it.digest is not None]
+    cache.store.put_images(lookup.fingerprint, new)
+    cache.store.touch_images(lookup.fingerprint, hits)
+    cache.hits += len(hits)
+    cache.misses += len(fresh)
 
 
 # ----------------------------------------------------------------------------- embeddings -> findings

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import UserError, default_out_dir, friendly_errors, scorer_from_options, scorer_options, threshold_option
+from .common import (UserError, default_out_dir, friendly_errors, image_cache, scorer_from_options, scorer_options,
+                     threshold_option)
 
 
 def format_table(result) -> str:
@@ -96,9 +97,16 @@ def analyze(images, model, label_set, prompt_styles, variants, device, batch_siz
 @click.option("--clinical", default=None, metavar="TEXT", help="Clinical information shown in every report.")
 @click.option("--chunk-size", default=32, show_default=True, type=click.IntRange(1),
               help="Images scored per chunk; reports are written after each chunk.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process + decode workers; ray: Ray Data (pip install 'vlm-xray[ray]').")
+@click.option("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
+              help="--engine ray: the cluster to use. Default: a local Ray instance on this machine.")
+@click.option("--num-workers", default=None, type=click.IntRange(0), metavar="N",
+              help="local: decode worker processes (default: CPUs - 1); ray: model replicas (default 1).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the image encoder (local engine).")
 @friendly_errors
 def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, out_dir,
-          threshold, clinical, chunk_size):
+          threshold, clinical, chunk_size, engine, ray_address, num_workers, compile_model):
     """Score INPUTS (files, folders, globs, or a .csv list with a `filename` column relative to it)
     and write a report per image plus a sortable index to --out DIR.
 
@@ -111,9 +119,17 @@ def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size,
     if not collect_inputs(inputs):
         raise UserError(f"no images found in: {' '.join(inputs)}")
     out_dir = out_dir or default_out_dir(inputs)
-    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration)
+    from ..engines import get_engine
+
+    if engine == "ray":
+        options = {"address": ray_address, "num_workers": num_workers}
+    else:
+        options = {"num_workers": num_workers, "compile": compile_model}
+    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration,
+                                 image_cache=image_cache())  # new prompts/thresholds: only text work
     try:
-        summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size)
+        summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size,
+                            engine=get_engine(engine, **options))
     except KeyboardInterrupt:
         click.echo("interrupted; finished reports are kept - run the same command again to resume", err=True)
         sys.exit(130)

@@ -1,0 +1,188 @@
+"""Batch engines (vlm.engines): the streaming pipeline equals the plain per-image computation, streams
+in order, writes through one background writer; the Ray engine writes the same findings.csv as the
+local one, also when a model replica is killed mid-batch."""
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import vlm.scoring as scoring
+from vlm.batch import run_batch
+from vlm.engines import BackgroundWriter, get_engine
+from vlm.images import load_image
+from vlm.labels import load_label_set
+from vlm.models import load_model
+from vlm.results import ImageFailure
+from vlm.scoring import ImageEmbeddingCache, Scorer
+from vlm.transforms import variant_tensors
+
+VARIANTS = ["original", "clahe", "hflip"]
+
+
+@pytest.fixture(scope="module")
+def backbone(openclip_dir):
+    return load_model(str(openclip_dir))
+
+
+@pytest.fixture
+def mixed_inputs(image_dir, corrupt_file):
+    paths = sorted(image_dir.iterdir())
+    return paths[:2] + [corrupt_file] + paths[2:]
+
+
+def reference_probabilities(scorer, path):
+    """The computation without any engine: one image, one variant at a time, per-variant forward passes."""
+    image = load_image(path, scorer.load_options)
+    b = scorer.backbone
+    with torch.no_grad():
+        emb = torch.cat([b.encode_images(variant_tensors(image, [v], b.image_size, b.mean, b.std))
+                         for v in scorer.variants])
+        return scorer.probabilities(emb).numpy(), image
+
+
+@pytest.mark.parametrize("workers,batch,cached", [(0, 1, False), (2, 3, False), (1, 2, True)])
+def test_streaming_pipeline_equals_the_per_image_computation(backbone, mixed_inputs, workers, batch, cached):
+    ls = load_label_set("chestxray14")
+    cache = ImageEmbeddingCache() if cached else None
+    runs = 2 if cached else 1  # the second run reads every embedding back from the store
+    for _ in range(runs):
+        scorer = Scorer(backbone, ls, variants=VARIANTS, num_workers=workers, batch_size=batch, image_cache=cache)
+        out = list(scorer.score(mixed_inputs, threshold=0.5))
+        assert [str(o.image) for o in out] == [str(p) for p in mixed_inputs]  # input order, failures in place
+        assert isinstance(out[2], ImageFailure) and "not a recognised image" in out[2].reason
+        for path, res in zip(mixed_inputs, out):
+            if isinstance(res, ImageFailure):
+                continue
+            probs, image = reference_probabilities(scorer, path)
+            mean = probs.reshape(-1, probs.shape[-1]).mean(0)
+            np.testing.assert_allclose([f.probability for f in res.findings], mean, atol=1e-5)
+            assert res.size == image.size and res.view == image.view
+            assert res.input_warnings == image.warnings
+    if cached:
+        assert cache.misses == 4 and cache.hits == 4
+
+
+def test_pipeline_streams_instead_of_preparing_everything_first(backbone, image_dir, monkeypatch):
+    paths = sorted(image_dir.iterdir()) * 6  # 24 inputs
+    prepared = []
+    real = scoring.prepare_image
+
+    def counting(path, *args):
+        prepared.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(scoring, "prepare_image", counting)
+    scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original", num_workers=0, batch_size=4)
+    stream = scorer.score(paths)
+    first = next(stream)
+    assert str(first.image) == str(paths[0])
+    assert len(prepared) == 4  # one batch, not the whole list
+    assert len(list(stream)) == len(paths) - 1
+
+
+def test_background_writer_writes_everything_in_order_and_raises_its_error():
+    written = []
+
+    def slow_write(item):
+        time.sleep(0.002)
+        written.append((item, threading.current_thread().name))
+
+    with BackgroundWriter(slow_write, max_pending=4) as w:
+        for i in range(50):
+            w.submit(i)
+    assert [i for i, _ in written] == list(range(50))
+    assert {name for _, name in written} == {"vlm-writer"}  # not the producer's thread
+
+    def failing(item):
+        if item == 3:
+            raise OSError("disk full")
+
+    w = BackgroundWriter(failing, max_pending=2)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(100):
+            w.submit(i)
+            time.sleep(0.001)
+        w.close()
+
+
+def test_batch_through_the_local_engine_equals_the_per_image_computation(backbone, mixed_inputs, tmp_path):
+    import csv
+
+    scorer = Scorer(backbone, load_label_set("chestxray14"), variants=VARIANTS, batch_size=2,
+                    image_cache=ImageEmbeddingCache())
+    summary = run_batch(scorer, mixed_inputs, tmp_path / "out", threshold=0.5, progress=False, chunk_size=2,
+                        engine=get_engine("local", num_workers=1))
+    assert summary.scored == 4 and len(summary.failed) == 1
+    rows = list(csv.DictReader(open(tmp_path / "out" / "findings.csv", newline="")))
+    by_image = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(float(r["probability"]))
+    for path in mixed_inputs:
+        if str(path) in by_image:
+            probs, _ = reference_probabilities(scorer, path)
+            np.testing.assert_allclose(by_image[str(path)], probs.reshape(-1, probs.shape[-1]).mean(0), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+class _KillOnce:
+    """Builds an encoder replica class that kills its own process (os._exit, as SIGKILL would) the first
+    time it is handed a batch; the marker file makes it happen once across restarts."""
+
+    @staticmethod
+    def make(marker):
+        from vlm.engines.ray_data import _Encoder
+
+        class KillingEncoder(_Encoder):
+            def __call__(self, batch):
+                import os
+                from pathlib import Path
+
+                if not Path(marker).exists():
+                    Path(marker).write_text(str(os.getpid()))
+                    os._exit(1)
+                return super().__call__(batch)
+
+        return KillingEncoder
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_same_findings_as_the_local_engine(ray_local, backbone, mixed_inputs, tmp_path,
+                                                                 monkeypatch):
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ls = load_label_set("chestxray14")
+
+    def batch(engine, out):
+        scorer = Scorer(backbone, ls, variants=VARIANTS, batch_size=2, image_cache=ImageEmbeddingCache())
+        return run_batch(scorer, mixed_inputs, tmp_path / out, threshold=0.5, progress=False, engine=engine)
+
+    local = batch(get_engine("local", num_workers=0), "local")
+    ray_run = batch(get_engine("ray", num_workers=1), "ray")
+    assert (ray_run.scored, len(ray_run.failed)) == (local.scored, len(local.failed)) == (4, 1)
+    expected = (tmp_path / "local" / "findings.csv").read_bytes()
+    assert (tmp_path / "ray" / "findings.csv").read_bytes() == expected
+    assert (tmp_path / "ray" / "errors.csv").read_bytes() == (tmp_path / "local" / "errors.csv").read_bytes()
+
+    # a replica dies mid-batch: Ray restarts it and re-runs the batch; no row is lost or doubled
+    from vlm.engines.ray_data import RayEngine
+
+    marker = tmp_path / "killed.pid"
+    engine = RayEngine(num_workers=1)
+    engine.encoder_class = _KillOnce.make(str(marker))
+    monkeypatch.setenv("VLM_XRAY_CACHE", str(tmp_path / "fresh-cache"))  # nothing stored: every image encoded
+    killed = batch(engine, "ray-killed")
+    assert marker.exists()  # the replica really died
+    assert killed.scored == 4
+    assert (tmp_path / "ray-killed" / "findings.csv").read_bytes() == expected

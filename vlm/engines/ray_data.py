@@ -1,0 +1,214 @@
+"""The Ray engine: the same pipeline on Ray Data, so a batch can use a cluster (`pip install 'vlm-xray[ray]'`).
+
+    paths -> map_batches(_Prepare)   CPU tasks: store lookup by content, else load + variants + model transform
+          -> map_batches(_Encoder)   an actor pool of model replicas (GPU when the cluster has them, else CPU)
+          -> the driver              scorer.result per image, in input order -> the caller's writer
+
+The driver keeps the `Scorer` (label set, prompt classifier, calibration, adapter head, thresholds), so
+findings are computed exactly as by the local engine; replicas only turn pixels into embeddings. Each
+replica loads the model itself (by registry name or path, plus the adapter folder) and refuses to run if
+its fingerprint differs from the driver's. New embeddings are written to the driver's store.
+
+When a worker dies: Ray Data runs the actor pool with max_restarts=-1 and max_task_retries=-1 (its
+defaults for actor pools), so a killed replica is restarted and the batch it was encoding is run again
+on a replica; a failed read/preprocess task is retried (max_retries). A batch that died produced no
+output, so nothing is duplicated; the driver still checks that every input index arrives exactly once
+(a second copy is dropped, a missing one is an error) and yields in input order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from . import register_engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a replica rebuilds the driver's model: what `load_model` / `load_adapter` were given."""
+
+    model: str
+    adapter: str | None
+    fingerprint: str
+    device: str | None = None  # None: cuda when the replica has a GPU, else cpu
+
+    @classmethod
+    def of(cls, scorer) -> "ModelSpec":
+        b = scorer.backbone
+        from ..models import model_registry
+
+        model = b.name if b.name in model_registry() else (b.source or b.name)
+        return cls(model, scorer.adapter_name, b.fingerprint)
+
+    def load(self):
+        from ..api import resolve_device
+        from ..models import load_model
+
+        backbone = load_model(self.model, device=self.device or resolve_device("auto"))
+        if self.adapter:
+            from ..adapt import load_adapter
+
+            backbone, _, _ = load_adapter(self.adapter, backbone)
+        if backbone.fingerprint != self.fingerprint:
+            raise RuntimeError(f"model replica loaded {self.model!r} with fingerprint {backbone.fingerprint}, but the "
+                               f"driver's model has {self.fingerprint}; the cluster must see the same model files")
+        return backbone
+
+
+class _Prepare:
+    """CPU stage (a Ray task per block): `prepare_image` for each path of a batch."""
+
+    def __init__(self, variants, size, mean, std, load_options, lookup):
+        self.args = (variants, size, mean, std, load_options, lookup)
+
+    def __call__(self, batch: dict) -> dict:
+        from ..scoring import prepare_image
+
+        variants, size = self.args[0], self.args[1]
+        items = [prepare_image(str(p), *self.args) for p in batch["path"]]
+        pixels = np.zeros((len(items), len(variants), 3, size, size), np.float32)
+        for k, it in enumerate(items):
+            if it.pixels is not None:
+                pixels[k] = it.pixels.numpy()
+        return {"i": batch["i"], "path": batch["path"], "pixels": pixels,
+                "fresh": np.array([it.pixels is not None for it in items]),
+                "cached": np.array([b"" if it.cached is None else np.asarray(it.cached, np.float32).tobytes()
+                                    for it in items], dtype=object),
+                "meta": np.array([json.dumps(it.meta) for it in items], dtype=object),
+                "digest": np.array([it.digest or "" for it in items], dtype=object),
+                "error": np.array([it.error or "" for it in items], dtype=object)}
+
+
+class _Encoder:
+    """A model replica (a Ray actor): pixels of the fresh rows -> embeddings, all variants in one forward pass."""
+
+    def __init__(self, spec: ModelSpec):
+        self.backbone = spec.load()
+        self.backbone.module.eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from ..scoring import _forward
+
+        fresh = batch["fresh"].astype(bool)
+        out = list(batch["cached"])
+        if fresh.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][fresh]))
+            n, v = x.shape[:2]
+            with torch.no_grad():  # grad mode is per thread; Ray calls this from its own threads
+                emb = _forward(self.backbone, x.view(n * v, *x.shape[2:]), None).view(n, v, -1).numpy()
+            for k, e in zip(np.flatnonzero(fresh), emb):
+                out[k] = np.ascontiguousarray(e, np.float32).tobytes()
+        rest = {k: batch[k] for k in ("i", "path", "fresh", "meta", "digest", "error")}
+        return {**rest, "emb": np.array(out, dtype=object)}
+
+
+def _init_ray(address: str | None, num_cpus: int | None):
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data: pip install 'vlm-xray[ray]'") from None
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@register_engine("ray")
+class RayEngine:
+    """address None: a local Ray instance (num_cpus: its CPUs, default all); num_workers: model replicas."""
+
+    encoder_class = _Encoder  # the replica; a subclass may wrap it (tests kill one mid-batch)
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None, num_cpus: int | None = None,
+                 gpus_per_worker: float | None = None):
+        self.address, self.num_workers, self.num_cpus = address, num_workers, num_cpus
+        self.gpus_per_worker = gpus_per_worker
+
+    def dataset(self, scorer, paths):
+        ray = _init_ray(self.address, self.num_cpus)
+        from ..scoring import preprocessing_key
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows come back in input order
+        b = scorer.backbone
+        cache = scorer.image_cache
+        lookup = cache.lookup(b.fingerprint, preprocessing_key(b, scorer.load_options)) if cache else None
+        gpus = self.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        ds = ray.data.from_items([{"i": i, "path": str(p)} for i, p in enumerate(paths)],
+                                 override_num_blocks=max(1, min(len(paths) // max(1, scorer.batch_size), 200)))
+        ds = ds.map_batches(_Prepare, fn_constructor_args=(scorer.variants, b.image_size, b.mean, b.std,
+                                                           scorer.load_options, lookup),
+                            batch_size=scorer.batch_size, concurrency=(1, max(1, int(ray.cluster_resources().get(
+                                "CPU", 1)))), num_cpus=1)
+        return ds.map_batches(self.encoder_class, fn_constructor_args=(ModelSpec.of(scorer),),
+                              batch_size=scorer.batch_size, concurrency=self.num_workers or 1, num_gpus=gpus,
+                              num_cpus=0 if gpus else 1)
+
+    def results(self, scorer, paths, threshold) -> Iterator:
+        paths = [str(p) for p in paths]
+        if not paths:
+            return
+        thr = scorer.thresholds(threshold)
+        pending: dict[int, dict] = {}
+        seen: set[int] = set()
+        nxt = 0
+        new_entries = []
+        for row in self.dataset(scorer, paths).iter_rows():
+            i = int(row["i"])
+            if i in seen:
+                logger.warning("ray engine: input %d (%s) arrived twice (a retried batch); the copy is dropped",
+                               i, row["path"])
+                continue
+            seen.add(i)
+            pending[i] = row
+            while nxt in pending:
+                yield self._result(scorer, pending.pop(nxt), thr, new_entries)
+                nxt += 1
+            self._flush(scorer, new_entries, min_rows=scorer.batch_size)
+        self._flush(scorer, new_entries, min_rows=1)
+        if nxt != len(paths):
+            missing = [paths[k] for k in range(nxt, len(paths)) if k not in seen][:5]
+            raise RuntimeError(f"ray engine: {len(paths) - nxt} inputs never came back (first: {missing})")
+
+    @staticmethod
+    def _result(scorer, row, thr, new_entries):
+        """A row back from the replicas -> ImageResult | ImageFailure (exactly as the local engine)."""
+        import torch
+
+        from ..results import ImageFailure
+        from ..scoring import PreparedImage, _encoded
+
+        if row["error"]:
+            return ImageFailure(row["path"], row["error"])
+        meta = json.loads(row["meta"])
+        emb = np.frombuffer(row["emb"], np.float32).reshape(len(scorer.variants), -1).copy()
+        if row["fresh"] and row["digest"]:
+            new_entries.append((row["digest"], meta, emb))
+        elif not row["fresh"] and scorer.image_cache is not None:
+            scorer.image_cache.hits += 1
+        return scorer.result(_encoded(PreparedImage(row["path"], meta), torch.from_numpy(emb)), thr)
+
+    @staticmethod
+    def _flush(scorer, new_entries, min_rows):
+        cache = scorer.image_cache
+        if cache is None or len(new_entries) < min_rows:
+            return
+        from ..scoring import preprocessing_key
+
+        b = scorer.backbone
+        prep = preprocessing_key(b, scorer.load_options)
+        cache.store.put_images(b.fingerprint, [(d, prep, scorer.variants, e, m) for d, m, e in new_entries])
+        cache.misses += len(new_entries)
+        new_entries.clear()
