@@ -86,13 +86,13 @@ async def _score_upload(service: ScoringService, request: Request) -> tuple[dict
     form = await read_upload_form(request, service.config.max_upload_bytes)
     opts = parse_options(form.fields, next(iter(service.label_sets)))
     scorer = await service.scorer_for(opts)
-    kind, image, tensors = await run_in_threadpool(service.decode, form.file, scorer)
+    kind, image, tensors = await service.off_loop(service.decode, form.file, scorer)
     try:
         embeddings = await service.batcher.submit_encode(tensors)
     except QueueFull as e:
         raise ApiError(503, "busy", f"{service.batcher.pending} requests are waiting for the model; retry later",
                        {"Retry-After": str(e.retry_after_s)}) from None
-    result = await run_in_threadpool(service.result, scorer, image, embeddings, form.filename, opts.threshold)
+    result = await service.off_loop(service.result, scorer, image, embeddings, form.filename, opts.threshold)
     out = result.to_dict()
     if opts.ood != "off":
         out["ood"] = service.ood_verdict(scorer.label_set.name, embeddings, scorer.variants)
@@ -266,7 +266,7 @@ def _api_routes(app: FastAPI, service: ScoringService, guarded: list) -> None:
     async def predict(request: Request):
         out, _result, _fields = await _score_upload(service, request)
         # serialised off the event loop: with heatmaps the body is megabytes and /healthz must stay fast
-        body = await run_in_threadpool(json.dumps, out, ensure_ascii=False)
+        body = await service.off_loop(json.dumps, out, ensure_ascii=False)
         return Response(body, media_type="application/json")
 
     @app.post("/v1/report", dependencies=guarded, response_class=HTMLResponse,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from .batcher import MicroBatcher
@@ -85,6 +87,21 @@ def parse_options(fields: dict[str, str], default_labels: str) -> PredictOptions
         heatmap_alpha=_unit_float("heatmap_alpha", alpha) if alpha else 0.45, ood=ood)
 
 
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Serve big buffers (image batches, activations) from mmap and hand them back when freed. glibc
+    otherwise raises its mmap threshold after the first large free and serves later, differently sized
+    batches from the heap, whose fragments it keeps: RSS then creeps up under varying batch sizes."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not os.uname().sysname == "Linux":
+        return
+    M_MMAP_THRESHOLD = -3
+    if not ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, nbytes):
+        logger.debug("mallopt(M_MMAP_THRESHOLD) refused; memory may grow with varying batch sizes")
+
+
 class ScoringService:
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -97,9 +114,10 @@ class ScoringService:
         self.label_sets: dict = {}
         self.guards: dict[str, object] = {}  # label set -> OODGuard, or the reason there is none
         self._scorers: OrderedDict[tuple, object] = OrderedDict()
-        self._decode_slots = threading.BoundedSemaphore(max(1, config.decode_workers))
+        # CPU work of a request (decode + variants, results, JSON) runs on a few fixed threads: bounded
+        # memory (each decoding thread would otherwise grow its own malloc arena) and no oversubscription
+        self.workers = ThreadPoolExecutor(max(1, config.decode_workers), thread_name_prefix="vlm-cpu")
         self._loader: threading.Thread | None = None
-        self.batch_sizes: list[int] = []
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ start-up
@@ -127,6 +145,7 @@ class ScoringService:
     def _load(self) -> None:
         from ..api import load_scorer
 
+        fixed_mmap_threshold()
         c = self.config
         t0 = time.perf_counter()
         self.base = load_scorer(c.model, c.label_sets[0], adapter=c.adapter, calibration=c.calibration,
@@ -141,8 +160,7 @@ class ScoringService:
         for name, label_set in self.label_sets.items():
             self.guards[name] = self._build_guard(label_set)
         self._warm_encoder()
-        self.batcher = MicroBatcher(self._encode_batch, c.max_batch, c.max_wait_ms / 1000.0, c.max_queue,
-                                    on_batch=self.batch_sizes.append if len(self.batch_sizes) < 100_000 else None)
+        self.batcher = MicroBatcher(self._encode_batch, c.max_batch, c.max_wait_ms / 1000.0, c.max_queue)
         logger.info("model %s ready in %.1f s (label sets: %s)", self.backbone.name, time.perf_counter() - t0,
                     ", ".join(self.label_sets))
         self.ready.set()
@@ -158,13 +176,16 @@ class ScoringService:
     def _warm_encoder(self) -> None:
         import torch
 
-        # a full batch once, so the allocator has grown to its working size before the first request
+        # every batch size once: the CPU kernels cache per input shape, so memory reaches its working size
+        # before the first request instead of growing during the first minutes of load
         x = torch.zeros(len(self.base.variants), 3, self.backbone.image_size, self.backbone.image_size)
-        self._encode_batch([x] * self.config.max_batch)
+        for n in range(1, self.config.max_batch + 1):
+            self._encode_batch([x] * n)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
         self.uploads.close()
 
     # ------------------------------------------------------------------ scorers per option set
@@ -212,10 +233,16 @@ class ScoringService:
         """upload bytes -> (kind, Image, variant tensors); at most `decode_workers` at a time."""
         from ..transforms import variant_tensors
 
-        with self._decode_slots:
-            kind, image = self.uploads.decode(data, scorer.load_options)
-            b = self.backbone
-            return kind, image, variant_tensors(image, scorer.variants, b.image_size, b.mean, b.std)
+        kind, image = self.uploads.decode(data, scorer.load_options)
+        b = self.backbone
+        return kind, image, variant_tensors(image, scorer.variants, b.image_size, b.mean, b.std)
+
+    async def off_loop(self, fn, *args, **kwargs):
+        """Run CPU work on the service's worker threads, not on the event loop."""
+        import asyncio
+        import functools
+
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
 
     def _encode_batch(self, tensors: list):
         import torch
