@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -92,7 +93,8 @@ def main() -> None:
     reads = read_times(args.size)
     source = "shared nih14-lowres chest images" if SHARED_CHEST.is_dir() else "synthetic pixels"
     result = {"batch": batch, "read_ms": reads, "size": args.size, "pixels_from": source,
-              "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}"}
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+                         f"{os.getloadavg()[0]:.1f} (a shared machine: times are noisy), python {platform.python_version()}"}
     (HERE / "inputs.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Real-world inputs", "", f"`python benchmarks/bench_inputs.py` ({result['machine']}; pixels from "
              f"{source}).", "", "## Batch over the generated mixed corpus", "",

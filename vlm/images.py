@@ -304,15 +304,20 @@ def _quiet_pydicom():
         config.settings.reading_validation_mode = old
 
 
+def _values(value) -> list:
+    """A DICOM element value as a list (multi-valued elements hold several)."""
+    from pydicom.multival import MultiValue
+
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
 def header_values(ds) -> list[str]:
     """Every text value in the dataset (nested sequences too): what an error message must never quote."""
     out: set[str] = set()
     for elem in ds.iterall():
-        if elem.VR not in _TEXT_VRS or elem.tag.group in (0x7FE0, 0x0028):
+        if elem.VR not in _TEXT_VRS or elem.tag.group == 0x7FE0:
             continue
-        values = elem.value if isinstance(elem.value, (list, tuple)) or type(elem.value).__name__ == "MultiValue" \
-            else [elem.value]
-        for v in values:
+        for v in _values(elem.value):
             text = v.decode("latin-1", "replace") if isinstance(v, bytes) else str(v)
             if len(text) > 256:
                 continue  # bulk binary data, not a value a decoder message would quote
@@ -375,8 +380,7 @@ def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.nda
 
 def _first_number(value) -> float | None:
     try:
-        v = value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
-        v = float(v)
+        v = float(_values(value)[0])
     except (TypeError, ValueError, IndexError):
         return None
     return v if np.isfinite(v) else None
@@ -390,7 +394,8 @@ def _grey_display(arr: np.ndarray, ds, opts: LoadOptions, notes: list[str]) -> n
     if opts.window is not None:
         return _window(x, float(opts.window[0]), float(opts.window[1]), "LINEAR")
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        out = np.asarray(apply_voi_lut(arr if "ModalityLUTSequence" in ds else x, ds, index=0, prefer_lut=True))
+        # the LUT is indexed by modality-LUT output values (integers by definition)
+        out = np.asarray(apply_voi_lut(np.round(x).astype(np.int64), ds, index=0, prefer_lut=True))
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) if "LUTDescriptor" in ds.VOILUTSequence[0] else 16
         return np.clip(out / float((1 << bits) - 1), 0.0, 1.0)
     centre, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
