@@ -3,6 +3,7 @@ model randomisation, a planted signal), hooks released."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import numpy as np
@@ -284,3 +285,33 @@ def test_model_randomisation_changes_the_maps():
     m1 = E.explain(trained, ls, images[0], ["Effusion"])[0].map
     m2 = E.explain(trained, ls, images[1], ["Effusion"])[0].map
     assert not np.allclose(m1, m2)
+
+
+def test_report_shows_heatmaps_inline_and_json_keeps_paths_only(openclip_dir, image_dir):
+    from vlm.images import load_image
+    from vlm.labels import load_label_set
+    from vlm.models import load_model
+    from vlm.report import render_report
+    from vlm.results import ImageResult
+    from vlm.scoring import Scorer
+
+    backbone = load_model(str(openclip_dir))
+    ls = load_label_set("chestxray14")
+    path = image_dir / "grey8.png"
+    result = next(Scorer(backbone, ls).score([path], threshold=0.0))
+    pixels = load_image(path).pixels
+    maps = E.explain(backbone, ls, path, ["Cardiomegaly", "Effusion"])
+    result.heatmaps = [{**m.to_dict(), "data_uri": m.data_uri(pixels)} for m in maps]
+    result.ood = {"in_distribution": False, "score": 20.0, "threshold": 14.0, "reason": "far <away>",
+                  "method": "mahalanobis", "details": {}}
+    html = render_report(result, fmt="html")
+    assert html.count('<img src="data:image/png;base64,') >= 2 and html.count('alt="Regions that raised the score') == 2
+    assert "Regions that raised this score" in html and "Saliency is not localisation" in html
+    assert 'id="ood-warning"' in html and "far &lt;away&gt;" in html  # autoescaped
+    d = result.to_dict()
+    assert "data_uri" not in json.dumps(d) and d["heatmaps"][0]["label"] == "Cardiomegaly"
+    back = ImageResult.from_dict(json.loads(json.dumps(d)))
+    assert back.ood["in_distribution"] is False and back.heatmaps[1]["label"] == "Effusion"
+    result.heatmaps, result.ood = [], None
+    plain = render_report(result, fmt="html")
+    assert 'id="heatmaps"' not in plain and 'id="ood-warning"' not in plain

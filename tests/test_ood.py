@@ -79,12 +79,18 @@ def test_fit_from_csv_splits_by_patient_and_round_trips(tmp_path, openclip_dir):
     out = tmp_path / "model"
     fitted = ood.fit_ood_stats(backbone, {"chest": {"label_sets": ["chestxray14"], "data": [str(data)]}}, out,
                                val_fraction=0.3)
+    assert [d.name for d in fitted] == ["chest", "chest" + ood.FEATURE_SUFFIX]
     assert fitted[0].info["n_fit"] == len(rows) - len(held) and fitted[0].info["n_threshold"] == len(held)
+    assert fitted[1].info["space"] == "features" and fitted[1].mean.shape[0] > fitted[0].mean.shape[0] // 2
     meta, domains = ood.load_stats(out / ood.STATS_FILE)
     assert meta["fingerprint"] == backbone.fingerprint
     assert np.allclose(domains["chest"].mean, fitted[0].mean, atol=1e-5)
     guard = ood.OODGuard.for_model(backbone, load_label_set("chestxray14"), stats_file=out / ood.STATS_FILE)
-    assert guard.method == "mahalanobis" and guard.describe()["threshold"] == pytest.approx(fitted[0].threshold)
+    assert guard.method == "mahalanobis+stage-features"
+    assert guard.describe()["threshold"] == pytest.approx(fitted[0].threshold)
+    assert guard.describe()["feature_threshold"] == pytest.approx(fitted[1].threshold)
+    verdict = guard.check_image(data / "img000.png")
+    assert verdict.details["signals"] == ["embedding", "stage-features"] and verdict.threshold == fitted[0].threshold
     # a label set whose domain has no statistics falls to its modality prompts, and says so
     skin = ood.OODGuard.for_model(backbone, load_label_set("skin12"), stats_file=out / ood.STATS_FILE)
     assert skin.method == "modality-prompts"
@@ -143,28 +149,36 @@ def test_prompt_only_guard_gives_a_verdict(openclip_dir):
 
 @pytest.mark.shared_data
 def test_bundled_starter_flags_other_modalities_and_passes_chest_xrays():
+    from PIL import ImageDraw
     from skimage import data as skdata
 
     from vlm.labels import load_label_set
     from vlm.models import load_model
+    from vlm.transforms import model_tensors
 
     nih = needs_shared_data("nih14")
     skin = needs_shared_data("skin")
     backbone = load_model("vlm-xray-starter")
     chest_guard = ood.OODGuard.for_model(backbone, load_label_set("chestxray14"))
     skin_guard = ood.OODGuard.for_model(backbone, load_label_set("skin12"))
-    assert chest_guard.method == "mahalanobis" and chest_guard.stats.name == "chest"
+    assert chest_guard.method == "mahalanobis+stage-features" and chest_guard.stats.name == "chest"
     held_chest = ood.split_csv(nih / "labels.csv")["held_out"]["nih14"][:20]
     held_skin = ood.split_csv(skin / "labels.csv")["held_out"]["ham10000"][:20]
-    chest_emb, _ = ood.embed_paths(backbone, held_chest)
-    skin_emb, _ = ood.embed_paths(backbone, held_skin)
-    assert np.mean([v.in_distribution for v in chest_guard.check_batch(chest_emb)]) >= 0.9
-    assert np.mean([v.in_distribution for v in chest_guard.check_batch(skin_emb)]) <= 0.1
-    assert np.mean([v.in_distribution for v in skin_guard.check_batch(chest_emb)]) <= 0.1
-    assert np.mean([v.in_distribution for v in skin_guard.check_batch(skin_emb)]) >= 0.9
-    from vlm.transforms import model_tensors
-
-    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
-    x = model_tensors(photos, backbone.image_size, backbone.mean, backbone.std)
-    photo_emb = backbone.encode_images(x).detach().numpy()
-    assert not any(v.in_distribution for v in chest_guard.check_batch(photo_emb))
+    chest = ood.embed_paths(backbone, held_chest, with_features=True)[:2]
+    skin_x = ood.embed_paths(backbone, held_skin, with_features=True)[:2]
+    passed = lambda guard, x: np.mean([v.in_distribution for v in guard.check_batch(*x)])  # noqa: E731
+    assert passed(chest_guard, chest) >= 0.9 and passed(skin_guard, skin_x) >= 0.9
+    assert passed(chest_guard, skin_x) <= 0.1 and passed(skin_guard, chest) <= 0.1
+    page = PILImage.new("L", (400, 500), 235)
+    for y in range(20, 480, 22):
+        ImageDraw.Draw(page).text((20, y), "invoice total amount date signature page", fill=20)
+    grey = lambda a: np.repeat(a[:, :, None], 3, 2)  # noqa: E731
+    others = [skdata.astronaut(), skdata.coffee(), grey(skdata.camera()), grey(skdata.moon()), grey(np.array(page))]
+    x = ood.encode_with_features(backbone, model_tensors(others, backbone.image_size, backbone.mean, backbone.std))
+    verdicts = chest_guard.check_batch(*x)
+    assert not any(v.in_distribution for v in verdicts), [v.reason for v in verdicts]
+    assert verdicts[0].details["signals"] == ["embedding", "stage-features"]
+    # check_image runs the whole guard on the image itself; check() without features says what it skipped
+    full = chest_guard.check_image(held_chest[0])
+    assert full.in_distribution and full.details["signals"] == ["embedding", "stage-features"]
+    assert "skipped" in chest_guard.check(chest[0][0]).details

@@ -35,6 +35,7 @@ STATS_FILE = "ood-stats.safetensors"
 DEFAULT_PERCENTILE = 99.0
 DEFAULT_MIN_EXPECTED = 0.5
 FIT_VARIANT = "original"
+FEATURE_SUFFIX = "@features"  # stats-file domain name of a domain's stage-feature statistics
 
 
 class OODError(ValueError):
@@ -108,6 +109,57 @@ def fit_domain(name: str, label_sets: Sequence[str], fit_emb: np.ndarray, held_o
                                     f"images (not used for fitting)",
                   "held_out_false_alarms": per_source}
     return stats
+
+
+# ----------------------------------------------------------------------------------- tower features
+
+def _stage_modules(module) -> tuple[list, bool]:
+    """The image tower's stages/blocks whose outputs summarise image style, and whether their
+    token outputs are sequence-first. Embeddings alone collapse far-away inputs (grey photographs,
+    text pages) onto the training manifold; the stages' channel statistics do not."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(module, "visual", None)
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+        if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+            return list(trunk.blocks), False
+        if getattr(trunk, "feature_info", None):
+            return [trunk.get_submodule(f["module"]) for f in trunk.feature_info], False
+    if isinstance(visual, VisionTransformer):
+        return list(visual.transformer.resblocks), not getattr(visual.transformer, "batch_first", True)
+    if isinstance(visual, ModifiedResNet):
+        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4], False
+    vision = getattr(getattr(module, "model", None), "vision_model", None)
+    if vision is not None:
+        return list(vision.encoder.layers), False
+    raise OODError(f"no stage features known for image tower {type(visual or module).__name__}")
+
+
+@torch.no_grad()
+def encode_with_features(backbone, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised embeddings (N, D), stage features (N, F)): per stage, the mean and standard
+    deviation of each channel over positions (conv) or tokens (ViT), concatenated."""
+    stages, seq_first = _stage_modules(backbone.module)
+    pooled: list[torch.Tensor] = []
+
+    def hook(_mod, _inp, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if out.dim() == 4:
+            pooled.append(torch.cat([out.mean((2, 3)), out.std((2, 3))], 1).float())
+        else:
+            out = out.transpose(0, 1) if seq_first else out
+            pooled.append(torch.cat([out.mean(1), out.std(1)], 1).float())
+
+    handles = [m.register_forward_hook(hook) for m in stages]
+    try:
+        emb = backbone.encode_images(pixels.to(backbone.device)).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return emb.cpu().numpy(), torch.cat(pooled, 1).cpu().numpy()
 
 
 def save_stats(path: str | Path, domains: Sequence[DomainStats], fingerprint: str, extra: dict | None = None) -> None:
@@ -237,10 +289,12 @@ class OODGuard:
     """In-distribution verdicts for one (model, label set)."""
 
     def __init__(self, label_set_name: str, stats: DomainStats | None = None,
-                 modality: ModalityClassifier | None = None, stats_source: str | None = None):
+                 modality: ModalityClassifier | None = None, stats_source: str | None = None,
+                 feature_stats: DomainStats | None = None, backbone=None):
         if stats is None and modality is None:
             raise OODUnavailable(f"no OOD check for label set {label_set_name!r}: no statistics and no modality prompts")
         self.label_set_name, self.stats, self.modality, self.stats_source = label_set_name, stats, modality, stats_source
+        self.feature_stats, self.backbone = feature_stats, backbone
 
     @classmethod
     def for_model(cls, backbone, label_set, use_prompts: bool | None = None, text_cache=None,
@@ -250,7 +304,7 @@ class OODGuard:
         exists; OODError when the statistics were made for other weights (re-run `python -m vlm.ood fit`)."""
         name = label_set.name
         path = Path(stats_file) if stats_file else stats_path_for(backbone)
-        stats = None
+        stats = feature_stats = None
         if path is not None and path.is_file():
             meta, domains = load_stats(path)
             if meta.get("fingerprint") != backbone.fingerprint:
@@ -258,7 +312,8 @@ class OODGuard:
                     f"{path}: OOD statistics were made for weights {meta.get('fingerprint')!r}, but {backbone.name} has "
                     f"fingerprint {backbone.fingerprint!r} (retrained?). Re-make them: python -m vlm.ood fit --model "
                     f"{backbone.source} --data ... --out {path.parent}")
-            stats = next((d for d in domains.values() if name in d.label_sets), None)
+            stats = next((d for k, d in domains.items() if name in d.label_sets and not k.endswith(FEATURE_SUFFIX)), None)
+            feature_stats = domains.get(f"{stats.name}{FEATURE_SUFFIX}") if stats is not None else None
         modality = None
         if use_prompts or (use_prompts is None and stats is None):
             prompts = modality_prompts_for(name)
@@ -273,11 +328,12 @@ class OODGuard:
             raise OODUnavailable(
                 f"no OOD check for {backbone.name} with label set {name!r}: the model ships no {STATS_FILE} for it "
                 f"and no prompts/modality/*.yaml lists it; add one, or turn the guard off (--ood off)")
-        return cls(name, stats, modality, str(path) if stats is not None else None)
+        return cls(name, stats, modality, str(path) if stats is not None else None, feature_stats, backbone)
 
     @property
     def method(self) -> str:
-        return "+".join(m for m, on in (("mahalanobis", self.stats), ("modality-prompts", self.modality)) if on)
+        return "+".join(m for m, on in (("mahalanobis", self.stats), ("stage-features", self.feature_stats),
+                                        ("modality-prompts", self.modality)) if on is not None)
 
     def describe(self) -> dict:
         """How the verdict is made (for reports and cards)."""
@@ -285,14 +341,35 @@ class OODGuard:
         if self.stats is not None:
             d.update(domain=self.stats.name, threshold=self.stats.threshold, stats_file=self.stats_source,
                      threshold_rule=self.stats.info.get("threshold_rule"), n_fit=self.stats.info.get("n_fit"))
+        if self.feature_stats is not None:
+            d.update(feature_threshold=self.feature_stats.threshold)
         if self.modality is not None:
             d.update(modality_prompts=self.modality.prompts.source, min_expected=self.modality.prompts.min_expected)
         return d
 
-    def check(self, embeddings, variants: Sequence[str] | None = None) -> OODVerdict:
-        """embeddings: (V, D) normalised image embeddings of one image (rows = `variants`) or (D,).
+    def check_image(self, image) -> OODVerdict:
+        """The full verdict for one image (path, vlm Image or uint8 pixels): its 'original' variant is
+        encoded once for the embedding and the stage features. Use this where the image is at hand."""
+        from .transforms import model_tensors
+
+        if self.backbone is None:
+            raise OODError("this guard was built without a backbone; use OODGuard.for_model")
+        pixels = image if isinstance(image, np.ndarray) else getattr(image, "pixels", None)
+        if pixels is None:
+            from .images import load_image
+
+            pixels = load_image(image).pixels
+        b = self.backbone
+        emb, feats = encode_with_features(b, model_tensors([pixels], b.image_size, b.mean, b.std))
+        return self._verdict(emb, features=feats)
+
+    def check(self, embeddings, variants: Sequence[str] | None = None, features=None) -> OODVerdict:
+        """embeddings: (V, D) normalised image embeddings of one image (rows = `variants`) or (D,);
+        features: its 'original' stage features (F,) from `encode_with_features`, when at hand.
         Statistics were fitted on the 'original' variant, so that row is used when `variants` names
-        it; otherwise every row is scored and the median is used (the reason says so)."""
+        it; otherwise every row is scored and the median is used (the reason says so). Without
+        `features` the stage-feature test is skipped and `details["signals"]` says so: prefer
+        `check_image`, which never skips it."""
         emb = np.atleast_2d(np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor)
                                        else embeddings, dtype=np.float32))
         note = ""
@@ -300,27 +377,41 @@ class OODGuard:
             emb = emb[[list(variants).index(FIT_VARIANT)]]
         elif len(emb) > 1:
             note = f" (median over variants {', '.join(variants or [])}; statistics are for '{FIT_VARIANT}')"
-        return self._verdict(emb, note)
+        return self._verdict(emb, note, None if features is None else np.atleast_2d(features))
 
-    def check_batch(self, embeddings: np.ndarray) -> list[OODVerdict]:
-        """(N, D) embeddings of N images ('original' variant) -> N verdicts."""
-        return [self._verdict(np.asarray(e, dtype=np.float32)[None]) for e in np.asarray(embeddings)]
+    def check_batch(self, embeddings: np.ndarray, features: np.ndarray | None = None) -> list[OODVerdict]:
+        """(N, D) embeddings (+ (N, F) stage features) of N images ('original' variant) -> N verdicts."""
+        emb = np.asarray(embeddings, dtype=np.float32)
+        return [self._verdict(emb[i:i + 1], features=None if features is None else features[i:i + 1])
+                for i in range(len(emb))]
 
-    def _verdict(self, emb: np.ndarray, note: str = "") -> OODVerdict:
-        reasons, details, ok = [], {}, True
+    def _verdict(self, emb: np.ndarray, note: str = "", features: np.ndarray | None = None) -> OODVerdict:
+        reasons, details, ok = [], {"signals": []}, True
         score = threshold = None
         if self.stats is not None:
             score = float(np.median(self.stats.distance(emb)))
             threshold = self.stats.threshold
-            details["domain"] = self.stats.name
+            details.update(domain=self.stats.name)
+            details["signals"].append("embedding")
             if score > threshold:
                 ok = False
                 reasons.append(f"embedding is far from this model's {self.stats.name} training images "
                                f"(distance {score:.1f} > threshold {threshold:.1f}){note}")
+        if self.feature_stats is not None and features is not None:
+            fscore = float(self.feature_stats.distance(features)[0])
+            details.update(feature_score=round(fscore, 4), feature_threshold=round(self.feature_stats.threshold, 4))
+            details["signals"].append("stage-features")
+            if fscore > self.feature_stats.threshold:
+                ok = False
+                reasons.append(f"image statistics inside the model are unlike its {self.stats.name} training images "
+                               f"(stage-feature distance {fscore:.1f} > {self.feature_stats.threshold:.1f})")
+        elif self.feature_stats is not None:
+            details["skipped"] = "stage-features (no features passed; use check_image)"
         if self.modality is not None:
             share, top = self.modality.expected_share(emb)
             share = float(np.median(share))
             details.update(expected_modality_share=round(share, 4), most_likely_modality=top[0])
+            details["signals"].append("modality-prompts")
             if score is None:
                 score, threshold = 1.0 - share, 1.0 - self.modality.prompts.min_expected
             if share < self.modality.prompts.min_expected:
@@ -333,14 +424,15 @@ class OODGuard:
 
 # ----------------------------------------------------------------------------------- fitting
 
-@torch.no_grad()
-def embed_paths(backbone, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Normalised 'original'-variant embeddings (N, D) of the readable paths, and the paths that failed."""
+def embed_paths(backbone, paths: Sequence[str], batch_size: int = 64,
+                with_features: bool = False):
+    """'original'-variant embeddings (N, D) of the readable paths (+ stage features (N, F) when
+    `with_features`), and the paths that failed."""
     from .images import ImageLoadError, load_image
     from .transforms import model_tensors
 
     backbone.module.eval()
-    out, failed = [], []
+    embs, feats, failed = [], [], []
     for i in range(0, len(paths), batch_size):
         pixels = []
         for p in paths[i:i + batch_size]:
@@ -350,9 +442,14 @@ def embed_paths(backbone, paths: Sequence[str], batch_size: int = 64) -> tuple[n
                 logger.warning("OOD fit: skipping %s: %s", p, e)
                 failed.append(p)
         if pixels:
-            x = model_tensors(pixels, backbone.image_size, backbone.mean, backbone.std).to(backbone.device)
-            out.append(backbone.encode_images(x).float().cpu().numpy())
-    return (np.concatenate(out) if out else np.empty((0, 0), np.float32)), failed
+            e, f = encode_with_features(backbone, model_tensors(pixels, backbone.image_size, backbone.mean,
+                                                                 backbone.std))
+            embs.append(e)
+            feats.append(f)
+    emb = np.concatenate(embs) if embs else np.empty((0, 0), np.float32)
+    if with_features:
+        return emb, (np.concatenate(feats) if feats else np.empty((0, 0), np.float32)), failed
+    return emb, failed
 
 
 def split_csv(csv_path: str | Path, val_fraction: float = 0.15, seed: int = 0) -> dict[str, dict[str, list[str]]]:
@@ -392,12 +489,14 @@ def fit_ood_stats(backbone, domains: dict[str, dict], out_dir: str | Path | None
                 held_out.setdefault(src, []).extend(paths)
         logger.info("OOD fit %s: %d fitting images, %d held-out", name, len(fit_paths),
                     sum(map(len, held_out.values())))
-        fit_emb, _ = embed_paths(backbone, fit_paths, batch_size)
-        held_emb = {src: embed_paths(backbone, p, batch_size)[0] for src, p in held_out.items()}
-        stats = fit_domain(name, spec["label_sets"], fit_emb, held_emb, percentile)
-        stats.info["data"] = [Path(d).name for d in spec["data"]]
-        stats.info["split"] = {"val_fraction": val_fraction, "seed": seed}
-        fitted.append(stats)
+        fit_emb, fit_feat, _ = embed_paths(backbone, fit_paths, batch_size, with_features=True)
+        held = {src: embed_paths(backbone, p, batch_size, with_features=True) for src, p in held_out.items()}
+        for space, fit_x, index in (("embedding", fit_emb, 0), ("features", fit_feat, 1)):
+            stats = fit_domain(name if space == "embedding" else f"{name}{FEATURE_SUFFIX}", spec["label_sets"],
+                               fit_x, {src: h[index] for src, h in held.items()}, percentile)
+            stats.info.update(space=space, data=[Path(d).name for d in spec["data"]],
+                              split={"val_fraction": val_fraction, "seed": seed})
+            fitted.append(stats)
     if out_dir is not None:
         save_stats(Path(out_dir) / STATS_FILE, fitted, backbone.fingerprint, {"model": backbone.name})
     return fitted

@@ -367,7 +367,16 @@ def report_context(result: ImageResult, model: dict | None = None, clinical: str
         "calibration": result.calibration,
         "json_href": json_href,
         "index_href": index_href,
+        "ood": result.ood,
+        "heatmaps": _report_heatmaps(result),
     }
+
+
+def _report_heatmaps(result: ImageResult) -> list[dict]:
+    """Heatmaps that carry an inline PNG (`data_uri`, from vlm.explain.Heatmap.data_uri), with display names."""
+    names = {f.label: f.display or f.label for f in result.findings}
+    return [{**h, "display": names.get(h["label"], h["label"]), "empty": bool(h.get("empty"))}
+            for h in result.heatmaps if str(h.get("data_uri", "")).startswith("data:image/png;base64,")]
 
 
 def render_report(result: ImageResult, model: dict | None = None, clinical: str | None = None, fmt: str = "html",

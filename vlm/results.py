@@ -42,6 +42,12 @@ class ImageResult:
     # what the loader noticed about the input (first frame of several used, a lateral view, a body part
     # outside the label set): shown in reports; a signal for the out-of-distribution guard
     input_warnings: list[str] = field(default_factory=list)
+    # the out-of-distribution verdict (vlm.ood.OODVerdict.to_dict()): in_distribution, score, threshold,
+    # reason, method, details; None when the guard is off
+    ood: dict | None = None
+    # heatmaps of (positive) findings (vlm.explain.Heatmap.to_dict(): label, method, peak, score, crop_box,
+    # files); a "data_uri" key (inline PNG for HTML reports) is kept in memory only, never written to JSON
+    heatmaps: list[dict] = field(default_factory=list)
 
     def finding(self, label: str) -> Finding:
         return next(f for f in self.findings if f.label == label)
@@ -70,6 +76,10 @@ class ImageResult:
             d["adapter"] = self.adapter
         if self.calibration:
             d["calibration"] = self.calibration
+        if self.ood is not None:
+            d["ood"] = dict(self.ood)
+        if self.heatmaps:
+            d["heatmaps"] = [{k: v for k, v in h.items() if k != "data_uri"} for h in self.heatmaps]
         if self.extra:
             d.update(self.extra)
         return d
@@ -77,7 +87,8 @@ class ImageResult:
     @classmethod
     def from_dict(cls, d: dict) -> "ImageResult":
         known = {"image", "image_id", "model", "label_set", "threshold", "variants", "prompt_styles",
-                 "findings", "per_variant", "view", "size", "adapter", "calibration", "input_warnings"}
+                 "findings", "per_variant", "view", "size", "adapter", "calibration", "input_warnings", "ood",
+                 "heatmaps"}
         return cls(
             image=d["image"], image_id=d["image_id"], model=d["model"], label_set=d["label_set"],
             threshold=d["threshold"], variants=list(d["variants"]), prompt_styles=list(d["prompt_styles"]),
@@ -85,6 +96,8 @@ class ImageResult:
             size=tuple(d["size"]) if d.get("size") else None, adapter=d.get("adapter"),
             calibration=d.get("calibration"), extra={k: v for k, v in d.items() if k not in known},
             input_warnings=list(d.get("input_warnings") or []),
+            ood=dict(d["ood"]) if d.get("ood") is not None else None,
+            heatmaps=[dict(h) for h in d.get("heatmaps") or []],
         )
 
 
