@@ -2,11 +2,12 @@
 
     python benchmarks/bench_serve.py [--requests 500] [--clients 8] [--malformed 0.1] [--model NAME]
 
-For each mode (micro-batched --max-batch 8, unbatched --max-batch 1) a fresh server process is
-started on a free 127.0.0.1 port with the bundled model; the script measures a single request's
-latency (sequential, median of 8), then sends --requests POST /v1/predict from --clients
-concurrent clients, --malformed of them hostile (text, truncated PNG, a 16-px image, a bad
-option). It records throughput, p50/p95/p99 latency, status counts, whether every body is JSON
+Two server processes run side by side on free 127.0.0.1 ports with the bundled model: micro-batched
+(--max-batch 8) and unbatched (--max-batch 1). The script measures each one's single-request latency
+(sequential, median of 8), then sends the same --requests POST /v1/predict to each from --clients
+concurrent clients, in --rounds alternating rounds (so drifting load from other jobs on a shared
+machine hits both modes alike), --malformed of them hostile (text, truncated PNG, a 16-px image, a
+bad option). It records throughput, p50/p95/p99 latency, status counts, whether every body is JSON
 with the expected keys, and the server's RSS (sampled every 0.25 s). Then, on the batched server,
 it sends heatmap requests from 4 clients while timing GET /healthz every 50 ms.
 Writes benchmarks/serve.md and benchmarks/serve.json. Loopback only; nothing leaves the machine.
@@ -124,14 +125,22 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def run_load(server: Server, n: int, clients: int, malformed: float, seed: int = 0) -> dict:
+def make_plan(n: int, malformed: float, seed: int = 0) -> list[tuple[bool, tuple]]:
     rng = random.Random(seed)
     goods, bads = good_images(), malformed_requests()
-    plan = [(True, goods[i % len(goods)]) if rng.random() >= malformed else (False, rng.choice(bads)) for i in range(n)]
-    with httpx.Client() as c:  # single-request latency, idle server
+    return [(True, goods[i % len(goods)]) if rng.random() >= malformed else (False, rng.choice(bads)) for i in range(n)]
+
+
+def single_latency(server: Server) -> float:
+    goods = good_images()
+    with httpx.Client() as c:  # idle server: one request at a time
         for name, data in goods[:2]:
             post(c, server.url, name, data, {})
-        single = [post(c, server.url, *goods[i % len(goods)], {})[1] for i in range(8)]
+        return statistics.median(post(c, server.url, *goods[i % len(goods)], {})[1] for i in range(8))
+
+
+def send(server: Server, plan: list, clients: int) -> tuple[list, float]:
+    """POST every planned request from `clients` concurrent clients; (results, wall seconds)."""
     results: list[tuple[bool, int, float, bool]] = []
     lock = threading.Lock()
     local = threading.local()
@@ -140,37 +149,55 @@ def run_load(server: Server, n: int, clients: int, malformed: float, seed: int =
         good, spec = item
         if not hasattr(local, "client"):
             local.client = httpx.Client()
-        name, data = spec[:2]
         fields = spec[2] if not good else {}
-        status, dt, ok = post(local.client, server.url, name, data, fields)
+        status, dt, ok = post(local.client, server.url, spec[0], spec[1], fields)
         with lock:
             results.append((good, status, dt, ok))
 
-    sampler = server.sample_memory()
-    rss_start = rss_mb(server.proc.pid)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, plan))
-    wall = time.perf_counter() - t0
-    server.stop_sampling()
-    sampler.join()
-    rss_end = rss_mb(server.proc.pid)
+    return results, time.perf_counter() - t0
+
+
+def summarise(server: Server, plan: list, results: list, wall: float, clients: int, single: float,
+              rss: tuple[float, float]) -> dict:
     stats = httpx.get(server.url + "/readyz").json()["batches"]
     good_lat = [dt for good, st, dt, ok in results if good and st == 200]
     statuses: dict[str, int] = {}
     for _g, st, _dt, _ok in results:
         statuses[str(st)] = statuses.get(str(st), 0) + 1
     return {
-        "requests": n, "clients": clients, "malformed_sent": sum(1 for g, _ in plan if not g),
+        "requests": len(plan), "clients": clients, "malformed_sent": sum(1 for g, _ in plan if not g),
         "wall_s": round(wall, 2), "throughput_rps": round(len(good_lat) / wall, 3),
-        "single_request_s": round(statistics.median(single), 3),
+        "single_request_s": round(single, 3),
         "p50_s": round(pct(good_lat, 50), 3), "p95_s": round(pct(good_lat, 95), 3), "p99_s": round(pct(good_lat, 99), 3),
         "statuses": dict(sorted(statuses.items())), "server_errors_5xx": sum(v for k, v in statuses.items() if k >= "500"),
         "well_formed_json": all(ok for *_, ok in results),
-        "rss_mb": {"start": round(rss_start, 1), "peak": round(max(server.samples or [rss_start]), 1),
-                   "end": round(rss_end, 1)},
+        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(server.samples or [rss[0]]), 1),
+                   "end": round(rss[1], 1)},
         "batches": stats,
     }
+
+
+def compare_modes(servers: dict[str, Server], n: int, clients: int, malformed: float, rounds: int) -> dict:
+    """Both servers run side by side; the load goes to them in alternating rounds (batched first in even
+    rounds, unbatched first in odd ones), so drifting load from other jobs hits both modes alike."""
+    plan = make_plan(n, malformed)
+    chunks = [plan[r::rounds] for r in range(rounds)]
+    single = {m: single_latency(s) for m, s in servers.items()}
+    acc = {m: ([], 0.0) for m in servers}
+    rss_start = {m: rss_mb(s.proc.pid) for m, s in servers.items()}
+    samplers = [s.sample_memory() for s in servers.values()]
+    for r, chunk in enumerate(chunks):
+        for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            res, wall = send(servers[mode], chunk, clients)
+            acc[mode] = (acc[mode][0] + res, acc[mode][1] + wall)
+    for s, t in zip(servers.values(), samplers):
+        s.stop_sampling()
+        t.join()
+    return {m: summarise(s, plan, acc[m][0], acc[m][1], clients, single[m], (rss_start[m], rss_mb(s.proc.pid)))
+            for m, s in servers.items()}
 
 
 PINGER = """
@@ -217,7 +244,8 @@ def write_markdown(out: dict, path: Path) -> None:
              f"Command: `{out['command']}`", "",
              f"Machine: {out['machine']}. Model: {out['model']}. {b['requests']} POST /v1/predict per mode from "
              f"{b['clients']} concurrent clients on 127.0.0.1, {b['malformed_sent']} of them malformed (text, "
-             "truncated PNG, 16-px image, bad option). Images: "
+             "truncated PNG, 16-px image, bad option), sent in alternating rounds to the two servers running side by "
+             "side. Images: "
              f"{out['images']}.", "",
              "| | micro-batched (--max-batch 8) | unbatched (--max-batch 1) |", "|---|---|---|"]
     lines += [f"| {label} | {b[k]} | {u[k]} |" for label, k in rows]
@@ -231,8 +259,9 @@ def write_markdown(out: dict, path: Path) -> None:
               f"({h['healthz_pings']} pings): p50 {h['healthz_p50_ms']} ms, p99 **{h['healthz_p99_ms']} ms**, "
               f"max {h['healthz_max_ms']} ms; heatmap request p50 {h['heatmap_p50_s']} s, statuses "
               f"{h['heatmap_statuses']}.", "",
-              "The machine is shared with other jobs, so absolute numbers move from run to run; both modes run "
-              "back to back in one invocation so their ratio is the comparable number."]
+              f"Load average of the shared machine when the run ended: {out.get('load_average', 'n/a')} (2 cores). "
+              "Absolute numbers move with other jobs; the two modes share every round of load, so their ratio is "
+              "the comparable number."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -242,6 +271,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--malformed", type=float, default=0.1)
     ap.add_argument("--heatmap-requests", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds the requests are split into")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=str(HERE / "serve"))
     args = ap.parse_args()
@@ -249,16 +279,20 @@ def main() -> None:
            "model": args.model or "vlm-xray-starter (bundled)",
            "images": f"{len(good_images())} files from " + ("../shared/data/nih14" if SHARED.is_dir() else "examples/"),
            "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
-    for mode, max_batch in (("batched", 8), ("unbatched", 1)):
-        server = Server(max_batch, args.model)
-        try:
+    servers = {"batched": Server(8, args.model), "unbatched": Server(1, args.model)}
+    try:
+        for server in servers.values():
             server.wait_ready()
-            out[mode] = run_load(server, args.requests, args.clients, args.malformed)
-            if mode == "batched":
-                out["healthz_under_heatmaps"] = healthz_under_heatmaps(server, args.heatmap_requests)
-        finally:
-            server.close()
+        out.update(compare_modes(servers, args.requests, args.clients, args.malformed, args.rounds))
+        servers["unbatched"].close()
+        out["healthz_under_heatmaps"] = healthz_under_heatmaps(servers["batched"], args.heatmap_requests)
+    finally:
+        for server in servers.values():
+            if server.proc.poll() is None:
+                server.close()
+    for mode in servers:
         print(mode, json.dumps(out[mode]), flush=True)
+    out["load_average"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     out["batching_speedup"] = round(out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2)
     out["p95_over_single"] = round(out["batched"]["p95_s"] / out["batched"]["single_request_s"], 2)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
