@@ -113,6 +113,10 @@ def test_config_round_trips_and_checks_resume(tmp_path):
         PretrainConfig(**{**back.__dict__, "lr": 1e-4}).check_resume(saved)
     with pytest.raises(ValueError, match="unknown setting"):
         PretrainConfig.from_json(json.dumps({"data": [], "learning_rate": 1}))
+    with pytest.raises(ValueError, match="val_fraction"):
+        PretrainConfig(**{**back.__dict__, "val_fraction": 1.0}).validate()
+    with pytest.raises(ValueError, match="loss"):
+        PretrainConfig(**{**back.__dict__, "loss": "clip"}).validate()
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

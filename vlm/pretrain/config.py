@@ -80,6 +80,11 @@ class PretrainConfig:
             raise ValueError("no training data given")
         if not self.out_dir:
             raise ValueError("no output folder given")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "image_size", "embed_dim", "val_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     # -------------------------------------------------------------------------- JSON
     def to_json(self) -> str:
