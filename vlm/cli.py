@@ -13,9 +13,9 @@ from .commands.cache import cache as cache_cmd
 from .commands.common import setup_logging
 from .commands.evaluate import calibrate_cmd, eval_cmd, prompts_compare
 from .commands.info import labels_cmd, models, prompts, variants_cmd
+from .commands.pretrain import pretrain_command
 from .commands.score import analyze, batch
 from .commands.serve import serve_cmd
-from .pretrain_cli import pretrain_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

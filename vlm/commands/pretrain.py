@@ -1,4 +1,4 @@
-"""`vlm-xray pretrain`: options -> `PretrainConfig` -> `vlm.pretrain.pretrain` (registered in vlm.cli).
+"""`vlm-xray pretrain`: options -> `PretrainConfig` -> `vlm.pretrain.pretrain`.
 
 Importing this module does not import torch (vlm.pretrain loads its training code lazily)."""
 from __future__ import annotations
@@ -8,14 +8,8 @@ import sys
 
 import click
 
-from .pretrain import DEFAULT_IMAGE_TOWER, PretrainConfig
-
-
-class PretrainUsageError(click.ClickException):
-    """A user error (bad data, label, option): one line, exit status 2 as for every command."""
-
-    exit_code = 2
-
+from ..pretrain import DEFAULT_IMAGE_TOWER, PretrainConfig
+from .common import device_option, friendly_errors, seed_option
 
 @click.command("pretrain", context_settings={"show_default": True})
 @click.option("--data", "data", multiple=True, required=True, metavar="PATH[:LABELSET]",
@@ -35,9 +29,8 @@ class PretrainUsageError(click.ClickException):
 @click.option("--epochs", default=20, type=int)
 @click.option("--batch-size", default=128, type=int)
 @click.option("--lr", default=2e-3, type=float, help="Peak AdamW learning rate (warm-up then cosine).")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]),
-              help="cuda uses bf16 autocast.")
-@click.option("--seed", default=0, type=int, help="Seeds the split, captions, augmentation and init.")
+@device_option
+@seed_option
 @click.option("--resume/--no-resume", default=False,
               help="Continue from OUT/train_state.pt (same configuration required).")
 @click.option("--text-lora/--no-text-lora", default=False,
@@ -65,6 +58,7 @@ class PretrainUsageError(click.ClickException):
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Cache the resized images here (.npy) to start later runs faster.")
 @click.option("--progress/--no-progress", default=True, help="Show tqdm progress bars.")
+@friendly_errors
 def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, batch_size, lr, device, seed,
                      resume, text_lora, withhold, val_fraction, loss, prompt_weight, max_minutes, max_steps_per_epoch,
                      num_threads, keep_train_state, cache_dir, progress):
@@ -78,19 +72,17 @@ def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, 
 
     The result is a research demonstrator, not a diagnostic device.
     """
-    from .pretrain import pretrain
+    from ..api import resolve_device
+    from ..pretrain import pretrain
 
     config = PretrainConfig(
         data=list(data), out_dir=out_dir, image_tower=image_tower, image_size=image_size, embed_dim=embed_dim,
-        epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed, resume=resume,
+        epochs=epochs, batch_size=batch_size, lr=lr, device=resolve_device(device), seed=seed, resume=resume,
         withhold_labels=tuple(withhold), val_fraction=val_fraction, loss=loss, prompt_weight=prompt_weight,
         text_lora=text_lora, max_minutes=max_minutes, max_steps_per_epoch=max_steps_per_epoch,
         num_threads=num_threads, keep_train_state=keep_train_state, cache_dir=cache_dir,
         command=_command_line(), progress=progress)
-    try:
-        m = pretrain(config)
-    except (ValueError, FileNotFoundError) as e:
-        raise PretrainUsageError(str(e)) from e
+    m = pretrain(config)
     m.pop("model", None)
     click.echo(f"wrote {out_dir} (best epoch {m['best_epoch']}, {m['seconds']['total'] / 60:.1f} min)")
     for s, v in (m.get("val") or {}).items():
@@ -105,6 +97,3 @@ def _command_line() -> str:
         args = args[args.index("pretrain") + 1:]
     return "vlm-xray pretrain " + " ".join(shlex.quote(a) for a in args)
 
-
-if __name__ == "__main__":
-    pretrain_command()
