@@ -315,9 +315,15 @@ def test_reports_labels_models_metrics_docs(client):
                          data={"clinical": "<script>alert(1)</script> 65M cough"})
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert "Content-Security-Policy" in report.text and "<script>alert(1)" not in report.text
+    with_maps = client.post("/v1/report", files={"file": ("r.png", radiograph_png(9), "image/png")},
+                            data={"threshold": "0", "heatmaps": "true"})
+    assert with_maps.status_code == 200 and "data:image/png;base64," in with_maps.text
     result = upload(client, radiograph_png(9), "r.png").json()
     again = client.post("/v1/report/from-result", json=result)
-    assert again.status_code == 200 and "r.png" in again.text
+    assert again.status_code == 200 and "r.png" in again.text and "ood-warning" not in again.text
+    flagged = client.post("/v1/report/from-result",
+                          json={**result, "ood": {"in_distribution": False, "reason": "looks like a photograph"}})
+    assert flagged.status_code == 200 and "ood-warning" in flagged.text and "looks like a photograph" in flagged.text
     labels = client.get("/v1/labels").json()
     assert labels["default"] == "chestxray14" and len(labels["label_sets"][0]["labels"]) == 14
     card = client.get("/v1/models").json()["models"][0]

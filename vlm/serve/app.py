@@ -148,6 +148,20 @@ def _label_sets(service: ScoringService) -> dict:
     return {"default": next(iter(service.label_sets), None), "label_sets": sets}
 
 
+def _attach_extras(result, out: dict) -> None:
+    """The OOD verdict and heatmap overlays of a request, in the fields the HTML report shows them from."""
+    if (out.get("ood") or {}).get("available"):
+        result.ood = {k: v for k, v in out["ood"].items() if k != "available"}
+    result.heatmaps = [{**{k: v for k, v in h.items() if k != "png_base64"},
+                        "data_uri": "data:image/png;base64," + h["png_base64"]} for h in out.get("heatmaps", [])]
+
+
+class OODIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    in_distribution: bool | None = None
+    reason: str = Field("", max_length=2000)
+
+
 class FindingIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     label: str = Field(max_length=200)
@@ -178,6 +192,7 @@ class ResultIn(BaseModel):
     adapter: str | None = Field(None, max_length=500)
     calibration: str | None = Field(None, max_length=500)
     clinical: str | None = Field(None, max_length=2000)
+    ood: OODIn | None = None
 
 
 def _check_consistent(body: ResultIn) -> None:
@@ -275,7 +290,8 @@ def _api_routes(app: FastAPI, service: ScoringService, guarded: list) -> None:
     async def report(request: Request):
         from ..report import model_info, render_report
 
-        _out, result, fields = await _score_upload(service, request)
+        out, result, fields = await _score_upload(service, request)
+        _attach_extras(result, out)
         clinical = (fields.get("clinical") or "").strip()[:2000] or None
         html = await run_in_threadpool(render_report, result, model_info(service.backbone), clinical)
         return HTMLResponse(html, headers={"Content-Disposition": f'inline; filename="{result.image_id}.html"'})
