@@ -83,12 +83,12 @@ def prepare_image(path: str, variants: list[str], size: int, mean, std, load_opt
     """The CPU stage for one path: store lookup by content, else load + variants + model transform."""
     digest = None
     try:
-        if lookup is not None and os.path.exists(lookup.location):  # (a cluster node may have no store)
+        if lookup is not None:
             try:
-                digest = file_digest(path)
+                digest = file_digest(path)  # the key new embeddings are stored under
             except OSError:
                 digest = None  # unreadable: load_image below names the reason
-            if digest is not None:
+            if digest is not None and os.path.exists(lookup.location):  # (a cluster node may have no store)
                 from .store import open_store
 
                 hit = open_store(lookup.location, lookup.max_bytes).get_image(lookup.fingerprint, digest, lookup.prep,
