@@ -391,28 +391,11 @@ def _set_lora_train(module: nn.Module, training: bool) -> None:
                 m.train()
 
 
-def train_lora(
-    backbone: Backbone,
-    label_set: LabelSet,
-    train: LabelledData,
-    val: LabelledData | None = None,
-    settings: LoraSettings | None = None,
-    styles: list[str] | None = None,
-    progress: bool = True,
-    log=print,
-) -> LoraResult:
-    """Fine-tune LoRA adapters (+ the prompt head) on `train`; early-stop on `val` macro AUC.
-
-    With `val`, the epoch-0 (untrained = zero-shot) state competes too, so the returned adapter
-    is never worse than zero-shot on the validation data."""
+def _lora_module(backbone: Backbone, st: LoraSettings, towers: tuple[str, ...], log):
+    """(detected targets, target names, LoraConfig, a copy of the module with LoRA layers (only they train),
+    layer-scale gammas also trained)."""
     from peft import inject_adapter_in_model
 
-    st = settings or LoraSettings()
-    t0 = time.time()
-    torch.manual_seed(st.seed)
-    rng = np.random.default_rng(st.seed)
-    styles = label_set.styles(styles)
-    towers = ("image", "text") if st.lora_text else ("image",)
     det = detect_targets(backbone, towers)
     names = [n for t in towers for n in det["targets"][t]]
     config = _lora_config(names, st.rank, st.alpha, st.dropout)
@@ -437,10 +420,11 @@ def train_lora(
         elif st.layer_scale == "auto":
             log(f"warning: LoRA targets barely move the output (median relative effect {median_effect:.1e}) and no "
                 f"layer-scale gamma was found; the head will do most of the adaptation")
-    classifier = text_classifier(backbone, label_set, styles)
-    head = PromptHead.from_classifier(classifier).to(backbone.device)
-    train_head = st.train_head and not st.lora_text  # with text LoRA the head is the text tower's output
-    head.weight.requires_grad_(train_head)
+    return det, names, config, module, scales
+
+
+def _log_trainable(module: nn.Module, head: PromptHead, names, scales, train_head: bool, st: LoraSettings, log):
+    """(trainable, total, breakdown) parameter counts, logged."""
     trainable, total = count_parameters(module, head)
     named = dict(module.named_parameters())
     breakdown = {"lora": sum(p.numel() for n, p in named.items() if "lora_" in n and p.requires_grad),
@@ -450,15 +434,11 @@ def train_lora(
         + ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else ""))
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%): "
         + ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if v))
+    return trainable, total, breakdown
 
-    pixels, keep = load_pixels(train.paths)
-    if not pixels:
-        raise ValueError(f"{train.csv_path}: none of the {len(train)} training images could be read")
-    y_train = torch.from_numpy(train.targets[keep]).float()
-    val_x = val_t = None
-    if val is not None and len(val):
-        vpx, vkeep = load_pixels(val.paths)
-        val_x, val_t = _tensors(backbone, vpx), val.targets[vkeep]
+
+def _param_groups(module: nn.Module, head: PromptHead, scales, train_head: bool, st: LoraSettings) -> list[dict]:
+    """AdamW groups: LoRA weights (with weight decay), layer-scale gammas and the head (without)."""
     groups = [{"params": [p for n, p in module.named_parameters() if p.requires_grad and n not in scales],
                "lr": st.lr, "weight_decay": st.weight_decay}]
     if scales:
@@ -467,14 +447,120 @@ def train_lora(
     if train_head:
         groups.append({"params": [head.weight], "lr": st.head_lr if st.head_lr is not None else st.lr,
                        "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups)
-    n = len(pixels)
+    return groups
+
+
+def _lora_info(det, scales, st, trainable, breakdown, total, train_head, n, step, epoch, best_epoch, best_auc,
+               history, t0) -> dict:
+    return {
+        "method": "lora",
+        "targets": det["targets"],
+        "target_kinds": det["kinds"],
+        "skipped_targets": det["skipped"],
+        "target_effects": det["effects"],
+        "layer_scale_params": scales,
+        "lora": {"r": st.rank, "alpha": st.alpha, "dropout": st.dropout},
+        "trainable_params": trainable,
+        "trainable_breakdown": breakdown,
+        "total_params": total,
+        "head_trained": train_head,
+        "n_train_images": n,
+        "steps": step,
+        "epochs_run": epoch,
+        "best_epoch": best_epoch,
+        "best_val_macro_auc": best_auc,
+        "history": history,
+        "train_seconds": round(time.time() - t0, 1),
+        "settings": st.to_dict(),
+    }
+
+
+def _training_data(backbone: Backbone, train: LabelledData, val: LabelledData | None):
+    """('original' pixels of the readable training images, their targets, validation tensors, targets)."""
+    pixels, keep = load_pixels(train.paths)
+    if not pixels:
+        raise ValueError(f"{train.csv_path}: none of the {len(train)} training images could be read")
+    y_train = torch.from_numpy(train.targets[keep]).float()
+    val_x = val_t = None
+    if val is not None and len(val):
+        vpx, vkeep = load_pixels(val.paths)
+        val_x, val_t = _tensors(backbone, vpx), val.targets[vkeep]
+    return pixels, y_train, val_x, val_t
+
+
+def _optimiser(module: nn.Module, head: PromptHead, scales, train_head: bool, st: LoraSettings, n: int):
+    """(AdamW, cosine schedule over the run, total steps, steps per epoch) for `n` training images."""
+    opt = torch.optim.AdamW(_param_groups(module, head, scales, train_head, st))
     steps_per_epoch = max(1, math.ceil(n / st.batch_size))
     total_steps = st.epochs * steps_per_epoch
     if st.max_steps is not None:
         total_steps = min(total_steps, st.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
+    return opt, sched, total_steps, steps_per_epoch
+
+
+def _confident(val_t, val_probs: dict, best_epoch: int, best_auc: float, zero_shot_auc: float, label_set, seed: int,
+               log) -> bool:
+    """Whether the best epoch's validation gain over zero-shot (epoch 0) is large and survives resampling."""
+    gain, lower = confident_gain(val_t, val_probs[best_epoch], val_probs[0], label_set, seed=seed)
+    if gain >= MIN_GAIN and lower > 0:
+        return True
+    log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
+        f"({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile {lower:+.4f}): keeping the untrained "
+        f"(zero-shot) adapter")
+    return False
+
+
+def _adapted_backbone(backbone: Backbone, module: nn.Module, head: PromptHead, config, scales, st: LoraSettings,
+                      label_set: LabelSet, styles: list[str]):
+    """(the backbone with the trained LoRA state applied to a fresh copy, layer-scale state); head frozen."""
+    from peft import get_peft_model_state_dict
+
+    lora_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+    params = dict(module.named_parameters())
+    extra_state = {n: params[n].detach().clone() for n in scales}
+    module = apply_lora(backbone.module, config, lora_state, extra_state)
+    adapted = dataclasses.replace(backbone, module=module)
+    if st.lora_text:  # bake the adapted text tower's prompt embeddings into the head
+        with torch.no_grad():
+            head.weight.copy_(prompt_weights(backbone, module, label_set, styles))
+    for p in head.parameters():
+        p.requires_grad_(False)
+    head.eval()
+    return adapted, extra_state
+
+
+def train_lora(
+    backbone: Backbone,
+    label_set: LabelSet,
+    train: LabelledData,
+    val: LabelledData | None = None,
+    settings: LoraSettings | None = None,
+    styles: list[str] | None = None,
+    progress: bool = True,
+    log=print,
+) -> LoraResult:
+    """Fine-tune LoRA adapters (+ the prompt head) on `train`; early-stop on `val` macro AUC.
+
+    With `val`, the epoch-0 (untrained = zero-shot) state competes too, so the returned adapter
+    is never worse than zero-shot on the validation data."""
+    st = settings or LoraSettings()
+    t0 = time.time()
+    torch.manual_seed(st.seed)
+    rng = np.random.default_rng(st.seed)
+    styles = label_set.styles(styles)
+    towers = ("image", "text") if st.lora_text else ("image",)
+    det, names, config, module, scales = _lora_module(backbone, st, towers, log)
+    classifier = text_classifier(backbone, label_set, styles)
+    head = PromptHead.from_classifier(classifier).to(backbone.device)
+    train_head = st.train_head and not st.lora_text  # with text LoRA the head is the text tower's output
+    head.weight.requires_grad_(train_head)
+    trainable, total, breakdown = _log_trainable(module, head, names, scales, train_head, st, log)
+
+    pixels, y_train, val_x, val_t = _training_data(backbone, train, val)
+    n = len(pixels)
+    opt, sched, total_steps, steps_per_epoch = _optimiser(module, head, scales, train_head, st, n)
 
     def current_weight():
         return prompt_weights(backbone, module, label_set, styles) if st.lora_text else None
@@ -549,14 +635,8 @@ def train_lora(
                     break
     if bar is not None:
         bar.close()
-    confident = True
-    if val_x is not None and best_epoch > 0:
-        gain, lower = confident_gain(val_t, val_probs[best_epoch], val_probs[0], label_set, seed=st.seed)
-        confident = gain >= MIN_GAIN and lower > 0
-    if not confident:
-        log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
-            f"({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile {lower:+.4f}): keeping the untrained "
-            f"(zero-shot) adapter")
+    if val_x is not None and best_epoch > 0 and not _confident(val_t, val_probs, best_epoch, best_auc, zero_shot_auc,
+                                                               label_set, st.seed, log):
         best_auc, best_epoch, best_state = zero_shot_auc, 0, zero_shot_state
     if val_x is not None:
         lora_state, head_w = best_state
@@ -566,38 +646,7 @@ def train_lora(
         log(f"kept epoch {best_epoch} (val macro AUC {best_auc:.4f})")
     else:
         best_epoch = epoch
-    from peft import get_peft_model_state_dict
-
-    lora_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
-    params = dict(module.named_parameters())
-    extra_state = {n: params[n].detach().clone() for n in scales}
-    module = apply_lora(backbone.module, config, lora_state, extra_state)
-    adapted = dataclasses.replace(backbone, module=module)
-    if st.lora_text:  # bake the adapted text tower's prompt embeddings into the head
-        with torch.no_grad():
-            head.weight.copy_(prompt_weights(backbone, module, label_set, styles))
-    for p in head.parameters():
-        p.requires_grad_(False)
-    head.eval()
-    info = {
-        "method": "lora",
-        "targets": det["targets"],
-        "target_kinds": det["kinds"],
-        "skipped_targets": det["skipped"],
-        "target_effects": det["effects"],
-        "layer_scale_params": scales,
-        "lora": {"r": st.rank, "alpha": st.alpha, "dropout": st.dropout},
-        "trainable_params": trainable,
-        "trainable_breakdown": breakdown,
-        "total_params": total,
-        "head_trained": train_head,
-        "n_train_images": n,
-        "steps": step,
-        "epochs_run": epoch,
-        "best_epoch": best_epoch,
-        "best_val_macro_auc": best_auc,
-        "history": history,
-        "train_seconds": round(time.time() - t0, 1),
-        "settings": st.to_dict(),
-    }
+    adapted, extra_state = _adapted_backbone(backbone, module, head, config, scales, st, label_set, styles)
+    info = _lora_info(det, scales, st, trainable, breakdown, total, train_head, n, step, epoch, best_epoch,
+                      best_auc, history, t0)
     return LoraResult(adapted, head, config, info, extra_state)
