@@ -12,8 +12,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from ..fileio import read_yaml
 from .base import Backbone, ModelLoadError, file_fingerprint, state_dict_fingerprint
 from .layouts import LAYOUTS, build_open_clip, load_open_clip_dir, load_open_clip_pretrained, load_openai_file, load_path
 
@@ -28,8 +27,7 @@ def bundled_dir() -> Path:
 
 
 def model_registry() -> dict[str, dict]:
-    reg = yaml.safe_load((Path(str(resources.files("vlm.models"))) / "registry.yaml").read_text())
-    return reg
+    return read_yaml(Path(str(resources.files("vlm.models"))) / "registry.yaml", "model registry", ModelLoadError)
 
 
 def _registry_status(entry: dict) -> str:

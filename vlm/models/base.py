@@ -77,17 +77,13 @@ class Backbone:
 
 def read_side_files(folder: Path) -> dict:
     """card, metrics and shipped calibrations of a model folder (each optional)."""
-    import json
+    from ..fileio import read_json
 
     card = folder / "README.md"
     metrics = folder / "metrics.json"
-    try:
-        metrics_data = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{metrics}: unreadable model metrics ({e}); remove or repair the file") from e
     return {
         "card": card.read_text(encoding="utf-8") if card.is_file() else None,
-        "metrics": metrics_data,
+        "metrics": read_json(metrics, "model metrics", ModelLoadError) if metrics.is_file() else None,
         "calibrations": {f.name[len("calibration-"):-len(".json")]: f
                          for f in sorted(folder.glob("calibration-*.json"))},
     }

@@ -22,6 +22,7 @@ from torch import nn
 from dataclasses import dataclass
 from typing import Callable
 
+from ..fileio import read_json
 from .base import OPENAI_MEAN, OPENAI_STD, Backbone, ModelLoadError, file_fingerprint, read_side_files
 
 
@@ -177,7 +178,7 @@ def _is_hf_clip(path: Path) -> bool:
     folder = _folder_with(path, "config.json")
     if folder is None:
         return False
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    model_type = read_json(folder / "config.json", "model config", ModelLoadError).get("model_type")
     if model_type != "clip" and path.is_dir():
         raise ModelLoadError(f"{path}: config.json says model_type={model_type!r}; only CLIP folders "
                              f"(model_type 'clip') or open_clip folders (open_clip_config.json) are supported")
@@ -196,7 +197,7 @@ def _hf_clip_layout(path: Path, name: str | None = None) -> Backbone:
 
 def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
     cfg_path = path / "open_clip_config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, "open_clip model config", ModelLoadError)
     model_cfg = cfg.get("model_cfg", cfg)
     pre = cfg.get("preprocess_cfg", {})
     weights = [path / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -334,7 +335,7 @@ def load_hf_clip_dir(path: Path, name: str | None = None) -> Backbone:
     mean, std, size = OPENAI_MEAN, OPENAI_STD, int(model.config.vision_config.image_size)
     pp = path / "preprocessor_config.json"
     if pp.is_file():
-        ppc = json.loads(pp.read_text())
+        ppc = read_json(pp, "preprocessor config", ModelLoadError)
         mean = tuple(ppc.get("image_mean", mean))
         std = tuple(ppc.get("image_std", std))
     return Backbone(
