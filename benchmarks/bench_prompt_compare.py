@@ -109,11 +109,11 @@ def main() -> None:
     cache = ImageEmbeddingCache()
     r1 = run(f"compare {' + '.join(styles)}, cold cache",
              lambda: compare_prompts(backbone, ls, data, styles, variants=variants, image_cache=cache,
-                                     text_cache=TextEmbeddingCache(), log=lambda s: None))
+                                     text_cache=TextEmbeddingCache()))
     cache2 = ImageEmbeddingCache()
     r2 = run(f"compare {styles[-1]} + prompt file, warm cache",
              lambda: compare_prompts(backbone, ls, data, styles[-1:], [prompt_file], variants=variants,
-                                     image_cache=cache2, text_cache=TextEmbeddingCache(), log=lambda s: None))
+                                     image_cache=cache2, text_cache=TextEmbeddingCache()))
 
     def naive():
         for s in styles:

@@ -54,10 +54,6 @@ def base(openclip_dir):
 FAST = dict(epochs=3, batch_size=8, patience=3)
 
 
-def _quiet(*_a, **_k):
-    pass
-
-
 # ----------------------------------------------------------------------------- target detection
 
 def test_targets_open_clip_native_multihead_attention(base):
@@ -133,7 +129,7 @@ def test_zero_steps_is_zero_shot_exactly(base, synth_csv, tmp_path, image_dir, l
         csv.write_text("\n".join(out) + "\n")
         data = load_labelled_csv(csv, ls)
     ad = finetune(base, ls, data, shots=2, settings=LoraSettings(max_steps=0, **FAST), out_dir=tmp_path / "a0",
-                  progress=False, log=_quiet)
+                  progress=False)
     assert ad.info["steps"] == 0
     imgs = sorted(str(p) for p in image_dir.iterdir())
     zs = Scorer(base, ls, variants="original,clahe")
@@ -153,7 +149,7 @@ def test_lora_training_lowers_loss(base, synth_csv):
     x = _tensors(base, px)
     y = torch.from_numpy(data.targets).float()
     ad = finetune(base, ls, data, shots=None, settings=LoraSettings(epochs=6, batch_size=8, lr=1e-2, augment=False),
-                  progress=False, log=_quiet)
+                  progress=False)
     from vlm.adapt.heads import PromptHead
     from vlm.scoring import text_classifier
 
@@ -169,7 +165,7 @@ def test_lora_training_lowers_loss(base, synth_csv):
 def test_lora_is_reproducible_and_round_trips(base, synth_csv, tmp_path, image_dir):
     ls = load_label_set("chest4")
     data = load_labelled_csv(synth_csv, ls)
-    kw = dict(shots=3, seed=5, settings=LoraSettings(**FAST), progress=False, log=_quiet)
+    kw = dict(shots=3, seed=5, settings=LoraSettings(**FAST), progress=False)
     a = finetune(base, ls, data, out_dir=tmp_path / "a", **kw)
     b = finetune(base, ls, data, out_dir=tmp_path / "b", **kw)
     ja, jb = (json.loads((tmp_path / d / "adapter.json").read_text()) for d in "ab")
@@ -194,7 +190,7 @@ def test_lora_is_reproducible_and_round_trips(base, synth_csv, tmp_path, image_d
 def test_mismatched_base_model_is_refused(base, synth_csv, tmp_path, hf_clip_dir):
     ls = load_label_set("chest4")
     data = load_labelled_csv(synth_csv, ls)
-    finetune(base, ls, data, method="tip-adapter", shots=2, out_dir=tmp_path / "tip", progress=False, log=_quiet)
+    finetune(base, ls, data, method="tip-adapter", shots=2, out_dir=tmp_path / "tip", progress=False)
     other = load_model(str(hf_clip_dir))
     with pytest.raises(ModelLoadError) as e:
         load_adapter(tmp_path / "tip", other, ls)
@@ -210,7 +206,7 @@ def test_baselines_round_trip(method, base, synth_csv, tmp_path, image_dir):
     ls = load_label_set("chest4")
     data = load_labelled_csv(synth_csv, ls)
     ad = finetune(base, ls, data, method=method, shots=4, out_dir=tmp_path / method, eval_data=data,
-                  progress=False, log=_quiet)
+                  progress=False)
     assert not (tmp_path / method / "adapter_model.safetensors").exists()
     meta = json.loads((tmp_path / method / "adapter.json").read_text())
     assert meta["method"] == method and meta["base_model"]["fingerprint"] == base.fingerprint
@@ -293,7 +289,7 @@ def test_fewshot_study_writes_table_and_plot(base, synth_csv, tmp_path):
     data = load_labelled_csv(synth_csv, ls)
     res = run_study(base, ls, data, None, shots=[1], methods=["lora", "tip-adapter", "linear-probe"], seeds=1,
                     out_dir=tmp_path / "study", eval_fraction=0.4, val_shots=1,
-                    settings=LoraSettings(epochs=1, batch_size=8), log=_quiet)
+                    settings=LoraSettings(epochs=1, batch_size=8))
     methods = [r["method"] for r in res["summary"]]
     assert methods == ["zero-shot", "lora", "tip-adapter", "linear-probe"]
     for f in ("results.csv", "summary.csv", "summary.md", "index.html", "study.json", "assets/plotly.min.js"):
@@ -307,7 +303,7 @@ def test_lora_text_tower_round_trips(base, synth_csv, tmp_path, image_dir):
     ls = load_label_set("chest4")
     data = load_labelled_csv(synth_csv, ls)
     ad = finetune(base, ls, data, shots=2, settings=LoraSettings(epochs=2, batch_size=8, lora_text=True),
-                  out_dir=tmp_path / "t", progress=False, log=_quiet)
+                  out_dir=tmp_path / "t", progress=False)
     assert ad.info["targets"]["text"] and not ad.info["head_trained"]
     b2, head, ls2 = load_adapter(tmp_path / "t", load_model(str(base.source)), ls)
     imgs = sorted(str(p) for p in image_dir.iterdir())

@@ -141,7 +141,7 @@ def test_run_eval_writes_outputs_and_reuses_cache(openclip_dir, tmp_path):
     data = load_labelled_csv(csv_path, ls)
     cache = ImageEmbeddingCache(tmp_path / "imgcache")
     scorer = Scorer(load_model(str(openclip_dir)), ls, variants="original,clahe", image_cache=cache)
-    m = run_eval(scorer, data, tmp_path / "out", None, n_boot=100, progress=False, log=lambda s: None)
+    m = run_eval(scorer, data, tmp_path / "out", None, n_boot=100, progress=False)
     assert m["image_encoder_passes"] == 16 and m["image_cache_hits"] == 0
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert len(saved["per_label"]) == 14 and "mean_auc" in saved
@@ -158,7 +158,7 @@ def test_run_eval_writes_outputs_and_reuses_cache(openclip_dir, tmp_path):
     # a second evaluation (e.g. other prompts) costs no image-encoder passes
     scorer2 = Scorer(scorer.backbone, ls, prompt_styles=["simple"], variants="original,clahe",
                      image_cache=ImageEmbeddingCache(tmp_path / "imgcache"))
-    m2 = run_eval(scorer2, data, tmp_path / "out2", 0.3, n_boot=0, progress=False, log=lambda s: None, html=False)
+    m2 = run_eval(scorer2, data, tmp_path / "out2", 0.3, n_boot=0, progress=False, html=False)
     assert m2["image_encoder_passes"] == 0 and m2["image_cache_hits"] == 16
     assert m2["per_label"]["Effusion"]["threshold"] == 0.3
 

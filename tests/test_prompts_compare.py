@@ -40,20 +40,20 @@ def test_second_style_costs_no_image_encoder_pass(setup, tmp_path):
     backbone, ls, data, _ = setup
     cache = ImageEmbeddingCache(tmp_path / "ic")
     res = compare_prompts(backbone, ls, data, ["detailed", "simple"], variants="original,clahe",
-                          image_cache=cache, log=lambda s: None)
+                          image_cache=cache)
     assert cache.misses == 12 and cache.hits == 0  # one pass per image for both styles and all variant sets
     names = [r["candidate"] for r in res["ranking"]]
     assert set(names) == {"detailed", "simple", "all styles", "all styles @ original", "all styles @ clahe"}
     # a later comparison with another style: no encoder pass at all
     cache2 = ImageEmbeddingCache(tmp_path / "ic")
-    compare_prompts(backbone, ls, data, ["simple"], variants="original,clahe", image_cache=cache2, log=lambda s: None)
+    compare_prompts(backbone, ls, data, ["simple"], variants="original,clahe", image_cache=cache2)
     assert cache2.misses == 0 and cache2.hits == 12
 
 
 def test_compare_agrees_with_eval_scoring(setup):
     backbone, ls, data, _ = setup
     res = compare_prompts(backbone, ls, data, ["detailed", "simple"], variants="original,gamma",
-                          text_cache=TextEmbeddingCache(), log=lambda s: None)
+                          text_cache=TextEmbeddingCache())
     from vlm.evaluate import evaluate_predictions
 
     for style, cand in (("simple", "simple"), (None, "all styles")):
@@ -69,7 +69,7 @@ def test_partial_prompt_file_and_write_best(setup, tmp_path):
     backbone, ls, data, _ = setup
     f = tmp_path / "mine.yaml"
     f.write_text(PARTIAL)
-    res = compare_prompts(backbone, ls, data, ["simple"], [f], variants="original", log=lambda s: None)
+    res = compare_prompts(backbone, ls, data, ["simple"], [f], variants="original")
     row = next(r for r in res["ranking"] if r["candidate"] == "mine:terse")
     assert row["labels_covered"] == 1 and row["per_label"]["Effusion"]["auc"] is not None
     assert res["ranking"][-1]["candidate"] == "mine:terse"  # partial candidates rank after complete ones
@@ -91,7 +91,7 @@ def test_prompt_file_with_unknown_label_is_refused(setup, tmp_path):
     f.write_text("prompt_styles: {x: y}\nlabels:\n  - name: Broken bone\n    prompts:\n"
                  "      x: {positive: [a], negative: [b]}\n")
     with pytest.raises(LabelSetError, match="Broken bone"):
-        compare_prompts(backbone, ls, data, None, [f], variants="original", log=lambda s: None)
+        compare_prompts(backbone, ls, data, None, [f], variants="original")
 
 
 def test_cli_prompts_compare(openclip_dir, tmp_path):

@@ -26,9 +26,9 @@ calibration data, n, and the data file, plus the model fingerprint and label set
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,8 @@ import torch
 
 from .fileio import atomic_write_json, read_json
 from .metrics import choose_threshold, expected_calibration_error  # noqa: F401 (choose_threshold re-exported)
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "vlm-xray-calibration/1"
 
@@ -144,9 +146,9 @@ class Calibration:
                 f"{self.model_fingerprint}), but this run uses {scorer.backbone.name!r} (fingerprint {fp}); "
                 f"run `vlm-xray calibrate` with this model")
         if self.prompt_styles and list(scorer.styles) != list(self.prompt_styles):
-            warnings.warn(f"{self.source}: fitted with prompt styles {self.prompt_styles}, used with {scorer.styles}")
+            logger.warning(f"{self.source}: fitted with prompt styles {self.prompt_styles}, used with {scorer.styles}")
         if self.variants and list(scorer.variants) != list(self.variants):
-            warnings.warn(f"{self.source}: fitted with variants {self.variants}, used with {scorer.variants}")
+            logger.warning(f"{self.source}: fitted with variants {self.variants}, used with {scorer.variants}")
 
 
 def load_calibration(path, label_set, fingerprint: str | None = None) -> Calibration:
@@ -208,7 +210,7 @@ def calibrated_mean(mode: str, logits: np.ndarray, scale=None, offset=None, temp
 
 
 def fit_calibration(scorer, data, method: str = "youden", target_sensitivity: float | None = None,
-                    progress: bool = False, log=print, data_description: str | None = None) -> dict:
+                    progress: bool = False, data_description: str | None = None) -> dict:
     """Fit on `data` with `scorer` (no adapter, no calibration) and return the calibration JSON payload."""
     from .evaluate import cache_line, encode_dataset
 
@@ -217,7 +219,7 @@ def fit_calibration(scorer, data, method: str = "youden", target_sensitivity: fl
     t0 = time.perf_counter()
     emb, ok, failures = encode_dataset(scorer.backbone, data.paths, scorer.variants, scorer.image_cache,
                                        scorer.batch_size, scorer.num_workers, progress)
-    log(cache_line(scorer.image_cache))
+    logger.info(cache_line(scorer.image_cache))
     if len(ok) < 2:
         raise CalibrationError(f"{data.csv_path}: fewer than 2 readable images; cannot calibrate")
     y = data.targets[ok].astype(np.float64)

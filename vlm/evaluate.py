@@ -26,6 +26,7 @@ Definitions (also written into metrics.json):
 """
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import math
@@ -50,6 +51,8 @@ from .metrics import (  # noqa: F401
     roc_auc,
     roc_curve,
 )
+
+logger = logging.getLogger(__name__)
 
 ECE_METHOD = "10 equal-width bins on [0,1] per label (last bin includes 1.0), weighted by bin size; mean over labels"
 
@@ -246,7 +249,7 @@ def cache_line(cache) -> str:
 
 
 def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: int = 1000, seed: int = 0,
-             progress: bool = True, html: bool = True, log=print, extra: dict | None = None) -> dict:
+             progress: bool = True, html: bool = True, extra: dict | None = None) -> dict:
     """Score `data` with `scorer`, evaluate, and write DIR/metrics.json, predictions.csv, index.html.
 
     threshold None: the calibration's per-label thresholds when the scorer has one, else 0.5."""
@@ -283,7 +286,7 @@ def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: i
     }
     meta.update(extra or {})
     metrics = {**meta, **metrics}
-    log(cache_line(cache))
+    logger.info(cache_line(cache))
     write_outputs(metrics, sub, probs, out_dir, html=html)
     return metrics
 

@@ -8,6 +8,7 @@ styles are named `<file stem>:<style>`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .evaluate import cache_line, encode_dataset, evaluate_predictions, evaluati
 from .fileio import atomic_write_text, read_yaml
 from .labels import LabelSet, LabelSetError, PromptPair, parse_label_set
 from .prompt_classifier import build_prompt_classifier
+
+logger = logging.getLogger(__name__)
 
 
 def load_prompt_file(base: LabelSet, path) -> dict[str, dict[str, PromptPair]]:
@@ -64,7 +67,7 @@ def style_probabilities(backbone, label_set: LabelSet, table: dict[str, PromptPa
 def compare_prompts(backbone, label_set: LabelSet, data, styles: list[str] | None = None,
                     prompt_files: list | None = None, variants: list[str] | None = None,
                     image_cache=None, text_cache=None, batch_size: int = 16, progress: bool = False,
-                    log=print) -> dict:
+                    ) -> dict:
     """Rank candidates on `data`: each style alone (all variants), the ensemble of all styles
     with each single variant and with the full variant set. Returns a JSON-serialisable dict."""
     from .text_cache import TextEmbeddingCache
@@ -86,7 +89,7 @@ def compare_prompts(backbone, label_set: LabelSet, data, styles: list[str] | Non
         raise ValueError(f"{data.csv_path}: none of the {len(data)} images could be read")
     sub = data.subset(ok)
     line = cache_line(image_cache)
-    log(line)
+    logger.info(line)
     t_txt = time.perf_counter()
     enc_before = text_cache.encoded
     per_style = {name: style_probabilities(backbone, label_set, table, emb, text_cache)

@@ -15,6 +15,7 @@ shots cannot show that adapting helps.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -27,6 +28,8 @@ from ..metrics import auc_metrics, confident_gain
 from ..models import Backbone
 from ..prompt_classifier import prompt_probabilities, text_classifier
 from .heads import LinearProbeHead, PromptHead, TipAdapterHead
+
+logger = logging.getLogger(__name__)
 
 LP_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
 TIP_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -128,7 +131,7 @@ def _linear_probs(x, head: LinearProbeHead) -> np.ndarray:
 
 
 def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledData, styles=None,
-                       seed: int = 0, cache=None, log=print, features=None, val=None,
+                       seed: int = 0, cache=None, features=None, val=None,
                        val_features=None) -> tuple[LinearProbeHead, dict]:
     """Fit on the shots; lambda by validation AUC when `val` is given, else cross-validation."""
     t0 = time.time()
@@ -168,7 +171,7 @@ def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledD
     if best != "zero-shot" and not _confident(sel_t, probs[best], probs["zero-shot"], label_set, seed):
         best = "zero-shot"
     dw, b = zero if best == "zero-shot" else fit_linear(x, y, w0, best, ml)
-    log(f"linear probe: lambda={best} (macro AUC {results[best]:.4f}, {how}; zero-shot {results['zero-shot']:.4f})")
+    logger.info(f"linear probe: lambda={best} (macro AUC {results[best]:.4f}, {how}; zero-shot {results['zero-shot']:.4f})")
     info = {"method": "linear-probe", "lambda": best, "selection_macro_auc": {str(k): v for k, v in results.items()},
             "cv": how, "trainable_params": int(dw.numel() + b.numel()), "n_train_images": int(len(y)),
             "train_seconds": round(time.time() - t0, 1)}
@@ -178,7 +181,7 @@ def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledD
 # ----------------------------------------------------------------------------- Tip-Adapter
 
 def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledData, styles=None,
-                      seed: int = 0, cache=None, log=print, features=None, val=None,
+                      seed: int = 0, cache=None, features=None, val=None,
                       val_features=None) -> tuple[TipAdapterHead, dict]:
     """Cache = the shots; (alpha, beta) by validation AUC when `val` is given, else leave-one-out."""
     t0 = time.time()
@@ -208,7 +211,7 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
     (alpha, beta) = max(results, key=lambda k: (round(results[k], 6), -k[0], -k[1]))
     if alpha != 0.0 and not _confident(qy, probs[(alpha, beta)], probs[(0.0, TIP_BETAS[0])], label_set, seed):
         alpha, beta = 0.0, TIP_BETAS[0]
-    log(f"tip-adapter: alpha={alpha} beta={beta} (macro AUC {results[(alpha, beta)]:.4f}, {how}; "
+    logger.info(f"tip-adapter: alpha={alpha} beta={beta} (macro AUC {results[(alpha, beta)]:.4f}, {how}; "
         f"zero-shot {results[(0.0, TIP_BETAS[0])]:.4f})")
     head = TipAdapterHead(zs.weight, zs.scale, ml, clf.styles, x, yt, alpha, beta).eval()
     info = {"method": "tip-adapter", "alpha": alpha, "beta": beta,

@@ -1,6 +1,7 @@
 """Few-shot adaptation orchestration: sample shots, adapt with a method, evaluate, save."""
 from __future__ import annotations
 
+import logging
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from .lora import LoraSettings, LoraTargetError, detect_targets, find_candidates
 from ..metrics import auc_metrics
 
 from . import METHODS
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "Adapted", "LoraSettings", "LoraTargetError", "finetune", "load_adapter", "save_adapter",
            "read_adapter_meta", "detect_targets", "find_candidates", "verify_targets", "evaluate_adapter",
@@ -90,7 +93,6 @@ def finetune(
     out_dir: str | Path | None = None,
     cache=None,
     progress: bool = True,
-    log=print,
     training_meta: dict | None = None,
     eval_variants=("original",),
 ) -> Adapted:
@@ -105,7 +107,7 @@ def finetune(
         raise ValueError(f"{data.csv_path}: no rows to train on for label set {label_set.name}")
     train = data.subset(idx)
     counts = dict(zip(label_set.names, train.targets.sum(0).astype(int).tolist()))
-    log(f"{method}: {len(train)} training images from {data.csv_path} "
+    logger.info(f"{method}: {len(train)} training images from {data.csv_path} "
         f"({'all rows' if shots is None else f'{shots} shots per class'}, seed {seed}): "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     t0 = time.time()
@@ -113,7 +115,7 @@ def finetune(
         st = dataclasses.replace(settings or LoraSettings(), seed=seed)
         if val is not None:
             val = exclude_groups(val, train)
-        res = train_lora(backbone, label_set, train, val, st, styles, progress=progress, log=log)
+        res = train_lora(backbone, label_set, train, val, st, styles, progress=progress)
         adapted = Adapted(res.backbone, res.head, label_set, res.info, res.lora_config)
         adapted.extra_state = res.extra_state
     elif method == "linear-probe":
@@ -121,23 +123,23 @@ def finetune(
 
         if val is not None:
             val = exclude_groups(val, train)
-        head, info = train_linear_probe(backbone, label_set, train, styles, seed, cache, log, val=val)
+        head, info = train_linear_probe(backbone, label_set, train, styles, seed, cache, val=val)
         adapted = Adapted(backbone, head.to(backbone.device), label_set, info)
     else:
         from .baselines import train_tip_adapter
 
         if val is not None:
             val = exclude_groups(val, train)
-        head, info = train_tip_adapter(backbone, label_set, train, styles, seed, cache, log, val=val)
+        head, info = train_tip_adapter(backbone, label_set, train, styles, seed, cache, val=val)
         adapted = Adapted(backbone, head.to(backbone.device), label_set, info)
     adapted.info["shots_per_class"] = counts
     if eval_data is not None:
         held = exclude_groups(eval_data, train)
         adapted.metrics = evaluate_adapter(backbone, adapted, held, styles, eval_variants, cache)
         a, z = adapted.metrics["adapter"], adapted.metrics["zero_shot"]
-        log(f"held-out ({a['n']} images) macro AUC: adapter {_fmt(a['macro_auc'])} vs zero-shot {_fmt(z['macro_auc'])}")
+        logger.info(f"held-out ({a['n']} images) macro AUC: adapter {_fmt(a['macro_auc'])} vs zero-shot {_fmt(z['macro_auc'])}")
         for name, v in a["per_label"].items():
-            log(f"  {name:<28} adapter {_fmt(v)}  zero-shot {_fmt(z['per_label'].get(name))}")
+            logger.info(f"  {name:<28} adapter {_fmt(v)}  zero-shot {_fmt(z['per_label'].get(name))}")
     if out_dir is not None:
         training = {"data": str(data.csv_path), "shots": "all" if shots is None else shots, "seed": seed,
                     "device": str(backbone.device), "n_val_images": len(val) if val is not None else None,
@@ -149,7 +151,7 @@ def finetune(
                      lora_config=adapted.lora_config, extra_state=getattr(adapted, "extra_state", None),
                      training=training, metrics=adapted.metrics)
         adapted.out_dir = Path(out_dir)
-        log(f"wrote adapter {out_dir}")
+        logger.info(f"wrote adapter {out_dir}")
     return adapted
 
 

@@ -14,11 +14,11 @@ model's logit scale, so zero training steps reproduce zero-shot scoring exactly.
 """
 from __future__ import annotations
 
+import logging
 import copy
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -36,6 +36,8 @@ from ..prompt_classifier import build_prompt_classifier, text_classifier
 from ..transforms import model_tensors
 from ..variants import get_variant
 from .heads import PromptHead
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOWERS = ("visual", "model.vision_model", "vision_model")
 TEXT_TOWERS = ("text", "model.text_model", "text_model", "transformer")  # transformer: open_clip CLIP's text
@@ -194,7 +196,7 @@ def _detect_targets(backbone: Backbone, towers: tuple[str, ...]) -> dict:
         good, bad = verify_targets(backbone, [n for n, _ in cands], tower, effects=effects)
         skipped.update(bad)
         for n, why in bad.items():
-            warnings.warn(f"LoRA target {n} skipped: {why}")
+            logger.warning(f"LoRA target {n} skipped: {why}")
         if not good:
             listing = "; ".join(f"{n}: {why}" for n, why in bad.items()) or "none found"
             raise LoraTargetError(
@@ -217,7 +219,7 @@ def load_pixels(paths: list[str]) -> tuple[list[np.ndarray], list[int]]:
             px.append(original(load_image(p).pixels))
             keep.append(i)
         except ImageLoadError as e:
-            warnings.warn(f"skipping unreadable training image {p}: {e.reason}")
+            logger.warning(f"skipping unreadable training image {p}: {e.reason}")
     return px, keep
 
 
@@ -391,7 +393,7 @@ def _set_lora_train(module: nn.Module, training: bool) -> None:
                 m.train()
 
 
-def _lora_module(backbone: Backbone, st: LoraSettings, towers: tuple[str, ...], log):
+def _lora_module(backbone: Backbone, st: LoraSettings, towers: tuple[str, ...]):
     """(detected targets, target names, LoraConfig, a copy of the module with LoRA layers (only they train),
     layer-scale gammas also trained)."""
     from peft import inject_adapter_in_model
@@ -415,24 +417,24 @@ def _lora_module(backbone: Backbone, st: LoraSettings, towers: tuple[str, ...], 
         for n in scales:
             params[n].requires_grad_(True)
         if scales:
-            log(f"LoRA targets barely move the output (median relative effect {median_effect:.1e}); also training "
+            logger.info(f"LoRA targets barely move the output (median relative effect {median_effect:.1e}); also training "
                 f"their layer-scale gammas: {', '.join(scales)}")
         elif st.layer_scale == "auto":
-            log(f"warning: LoRA targets barely move the output (median relative effect {median_effect:.1e}) and no "
+            logger.info(f"warning: LoRA targets barely move the output (median relative effect {median_effect:.1e}) and no "
                 f"layer-scale gamma was found; the head will do most of the adaptation")
     return det, names, config, module, scales
 
 
-def _log_trainable(module: nn.Module, head: PromptHead, names, scales, train_head: bool, st: LoraSettings, log):
+def _log_trainable(module: nn.Module, head: PromptHead, names, scales, train_head: bool, st: LoraSettings):
     """(trainable, total, breakdown) parameter counts, logged."""
     trainable, total = count_parameters(module, head)
     named = dict(module.named_parameters())
     breakdown = {"lora": sum(p.numel() for n, p in named.items() if "lora_" in n and p.requires_grad),
                  "layer_scale": sum(named[n].numel() for n in scales),
                  "head": head.weight.numel() if train_head else 0}
-    log(f"LoRA r={st.rank} alpha={st.alpha} dropout={st.dropout} on {len(names)} module(s): "
+    logger.info(f"LoRA r={st.rank} alpha={st.alpha} dropout={st.dropout} on {len(names)} module(s): "
         + ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else ""))
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%): "
+    logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%): "
         + ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if v))
     return trainable, total, breakdown
 
@@ -500,13 +502,13 @@ def _optimiser(module: nn.Module, head: PromptHead, scales, train_head: bool, st
     return opt, sched, total_steps, steps_per_epoch
 
 
-def _confident(val_t, val_probs: dict, best_epoch: int, best_auc: float, zero_shot_auc: float, label_set, seed: int,
-               log) -> bool:
+def _confident(val_t, val_probs: dict, best_epoch: int, best_auc: float, zero_shot_auc: float, label_set,
+               seed: int) -> bool:
     """Whether the best epoch's validation gain over zero-shot (epoch 0) is large and survives resampling."""
     gain, lower = confident_gain(val_t, val_probs[best_epoch], val_probs[0], label_set, seed=seed)
     if gain >= MIN_GAIN and lower > 0:
         return True
-    log(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
+    logger.info(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
         f"({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile {lower:+.4f}): keeping the untrained "
         f"(zero-shot) adapter")
     return False
@@ -539,7 +541,6 @@ def train_lora(
     settings: LoraSettings | None = None,
     styles: list[str] | None = None,
     progress: bool = True,
-    log=print,
 ) -> LoraResult:
     """Fine-tune LoRA adapters (+ the prompt head) on `train`; early-stop on `val` macro AUC.
 
@@ -551,12 +552,12 @@ def train_lora(
     rng = np.random.default_rng(st.seed)
     styles = label_set.styles(styles)
     towers = ("image", "text") if st.lora_text else ("image",)
-    det, names, config, module, scales = _lora_module(backbone, st, towers, log)
+    det, names, config, module, scales = _lora_module(backbone, st, towers)
     classifier = text_classifier(backbone, label_set, styles)
     head = PromptHead.from_classifier(classifier).to(backbone.device)
     train_head = st.train_head and not st.lora_text  # with text LoRA the head is the text tower's output
     head.weight.requires_grad_(train_head)
-    trainable, total, breakdown = _log_trainable(module, head, names, scales, train_head, st, log)
+    trainable, total, breakdown = _log_trainable(module, head, names, scales, train_head, st)
 
     pixels, y_train, val_x, val_t = _training_data(backbone, train, val)
     n = len(pixels)
@@ -589,7 +590,7 @@ def train_lora(
     zero_shot_state = best_state
     if best_auc is not None:
         history.append({"epoch": 0, "step": 0, "loss": None, "val_macro_auc": best_auc})
-        log(f"epoch 0 (zero-shot): val macro AUC {best_auc:.4f}")
+        logger.info(f"epoch 0 (zero-shot): val macro AUC {best_auc:.4f}")
     bar = None
     if progress and total_steps:
         from tqdm.auto import tqdm
@@ -631,19 +632,19 @@ def train_lora(
             else:
                 since_best += 1
                 if since_best >= st.patience:
-                    log(f"early stop at epoch {epoch}: no val improvement in {st.patience} validation rounds")
+                    logger.info(f"early stop at epoch {epoch}: no val improvement in {st.patience} validation rounds")
                     break
     if bar is not None:
         bar.close()
     if val_x is not None and best_epoch > 0 and not _confident(val_t, val_probs, best_epoch, best_auc, zero_shot_auc,
-                                                               label_set, st.seed, log):
+                                                               label_set, st.seed):
         best_auc, best_epoch, best_state = zero_shot_auc, 0, zero_shot_state
     if val_x is not None:
         lora_state, head_w = best_state
         module.load_state_dict(lora_state, strict=False)
         with torch.no_grad():
             head.weight.copy_(head_w)
-        log(f"kept epoch {best_epoch} (val macro AUC {best_auc:.4f})")
+        logger.info(f"kept epoch {best_epoch} (val macro AUC {best_auc:.4f})")
     else:
         best_epoch = epoch
     adapted, extra_state = _adapted_backbone(backbone, module, head, config, scales, st, label_set, styles)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,20 @@ from .core import exclude_groups
 from .heads import PromptHead
 from .lora import LoraSettings, encode_tensors, train_lora
 from ..metrics import auc_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet_runs():
+    """Per-run training chatter (vlm.adapt.lora / baselines at INFO) stays out of the study log."""
+    log = logging.getLogger("vlm.adapt")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _stratified_cap(data: LabelledData, n: int, seed: int = 0) -> LabelledData:
@@ -84,29 +100,17 @@ def run_study(
     val_shots: int = 8,
     settings: LoraSettings | None = None,
     styles=None,
-    log=print,
     command: str = "",
     progress: bool = False,
     holdout: str = "split",
 ) -> dict:
-    from .baselines import frozen_features, train_linear_probe, train_tip_adapter
-
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     variants = list(variants)
-    if holdout == "pretrain-val":
-        pool, held, split = pretrain_val_split(backbone, data)
-    elif eval_data is None:
-        tr_idx, ev_idx = patient_split(data.groups, eval_fraction, seed=0)
-        pool, held = data.subset(tr_idx), data.subset(ev_idx)
-        split = f"patient-grouped split of {data.csv_path} ({eval_fraction:.0%} of patients held out, seed 0)"
-    else:
-        held = eval_data
-        pool = exclude_groups(data, held)
-        split = f"{eval_data.csv_path} (training pool: {data.csv_path} minus any shared patient/file)"
+    pool, held, split = _holdout(backbone, data, eval_data, eval_fraction, holdout)
     held = _stratified_cap(held, max_eval)
-    log(f"training pool {len(pool)} images; held-out {len(held)} images ({split})")
+    logger.info(f"training pool {len(pool)} images; held-out {len(held)} images ({split})")
     cache = ImageEmbeddingCache()
     settings = settings or LoraSettings()
     clf = text_classifier(backbone, label_set, styles)
@@ -117,40 +121,27 @@ def run_study(
     ev_t = held.targets[ev_keep]
     n_ev, v = ev_x.shape[:2]
     base_emb = encode_tensors(backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
-    log(f"encoded {n_ev} held-out images x {v} variant(s) in {time.time() - t0:.1f} s")
+    logger.info(f"encoded {n_ev} held-out images x {v} variant(s) in {time.time() - t0:.1f} s")
 
     rows = []
     zs = auc_metrics(ev_t, _probs(zs_head, base_emb), label_set)
     rows.append({"method": "zero-shot", "shots": 0, "seed": "", **_row(zs), "seconds": 0.0, "n_train": 0})
-    log(f"zero-shot: macro AUC {zs['macro_auc']:.4f}")
+    logger.info(f"zero-shot: macro AUC {zs['macro_auc']:.4f}")
     for k in shots:
         for seed in range(seeds):
             train = pool.subset(sample_shots(pool, k, seed))
             rest = exclude_groups(pool, train)
             val = rest.subset(sample_shots(rest, max(k, val_shots), seed + 1000))
-            feats = val_feats = None
+            feats = {}  # frozen features of this (K, seed) sample, shared by the training-free baselines
             for method in methods:
                 t1 = time.time()
-                quiet = lambda *a, **kw: None  # noqa: E731 - per-run chatter stays out of the study log
-                if method == "lora":
-                    res = train_lora(backbone, label_set, train, val, LoraSettings(**{**settings.to_dict(), "seed": seed}),
-                                     styles, progress=progress, log=quiet)
-                    emb = encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
-                    m = auc_metrics(ev_t, _probs(res.head, emb), label_set)
-                    extra = {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"]}
-                else:
-                    if feats is None:
-                        feats = frozen_features(backbone, train, cache)
-                        val_feats = frozen_features(backbone, val, cache)
-                    fn = train_linear_probe if method == "linear-probe" else train_tip_adapter
-                    head, info = fn(backbone, label_set, train, styles, seed, cache, quiet, features=feats,
-                                    val_features=val_feats)
-                    m = auc_metrics(ev_t, _probs(head.to(backbone.device), base_emb), label_set)
-                    extra = {k2: info[k2] for k2 in ("lambda", "alpha", "beta") if k2 in info}
+                with _quiet_runs():
+                    m, extra = _run_method(method, backbone, label_set, train, val, settings, seed, styles, cache,
+                                           feats, ev_x, ev_t, base_emb, progress)
                 secs = time.time() - t1
                 rows.append({"method": method, "shots": k, "seed": seed, **_row(m), "seconds": round(secs, 1),
                              "n_train": len(train), "n_val": len(val), **{f"hp_{a}": b for a, b in extra.items()}})
-                log(f"{method:<12} K={k:<3} seed {seed}: macro AUC {m['macro_auc']:.4f} "
+                logger.info(f"{method:<12} K={k:<3} seed {seed}: macro AUC {m['macro_auc']:.4f} "
                     f"({m['macro_auc'] - zs['macro_auc']:+.4f} vs zero-shot), {secs:.1f} s "
                     + " ".join(f"{a}={b}" for a, b in extra.items()))
     summary = summarise(rows, label_set)
@@ -160,8 +151,41 @@ def run_study(
             "val_shots": val_shots, "lora_settings": settings.to_dict(), "command": command,
             "seconds": round(time.time() - t_start, 1)}
     write_outputs(out, rows, summary, meta, label_set)
-    log(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / 'index.html'}")
+    logger.info(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / 'index.html'}")
     return {"rows": rows, "summary": summary, "meta": meta}
+
+
+def _holdout(backbone, data: LabelledData, eval_data, eval_fraction: float, holdout: str):
+    """(training pool, held-out set, description) of a study; the pool never shares a patient with it."""
+    if holdout == "pretrain-val":
+        return pretrain_val_split(backbone, data)
+    if eval_data is None:
+        tr_idx, ev_idx = patient_split(data.groups, eval_fraction, seed=0)
+        return (data.subset(tr_idx), data.subset(ev_idx),
+                f"patient-grouped split of {data.csv_path} ({eval_fraction:.0%} of patients held out, seed 0)")
+    return (exclude_groups(data, eval_data), eval_data,
+            f"{eval_data.csv_path} (training pool: {data.csv_path} minus any shared patient/file)")
+
+
+def _run_method(method, backbone, label_set, train, val, settings, seed, styles, cache, feats: dict, ev_x, ev_t,
+                base_emb, progress) -> tuple[dict, dict]:
+    """Train one method on (train, val) and score the held-out images: (metrics, hyper-parameters)."""
+    from .baselines import frozen_features, train_linear_probe, train_tip_adapter
+
+    n_ev, v = ev_x.shape[:2]
+    if method == "lora":
+        res = train_lora(backbone, label_set, train, val, LoraSettings(**{**settings.to_dict(), "seed": seed}),
+                         styles, progress=progress)
+        emb = encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
+        return (auc_metrics(ev_t, _probs(res.head, emb), label_set),
+                {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"]})
+    if not feats:
+        feats.update(train=frozen_features(backbone, train, cache), val=frozen_features(backbone, val, cache))
+    fn = train_linear_probe if method == "linear-probe" else train_tip_adapter
+    head, info = fn(backbone, label_set, train, styles, seed, cache, features=feats["train"],
+                    val_features=feats["val"])
+    m = auc_metrics(ev_t, _probs(head.to(backbone.device), base_emb), label_set)
+    return m, {k: info[k] for k in ("lambda", "alpha", "beta") if k in info}
 
 
 def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[LabelledData, LabelledData, str]:

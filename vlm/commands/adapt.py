@@ -1,7 +1,6 @@
 """`vlm-xray finetune` and `vlm-xray fewshot-study`: few-shot adapters and studies of them."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -9,8 +8,6 @@ import click
 from ..adapt import METHODS
 from .common import (device_option, friendly_errors, invocation, labels_option, mapping_option, model_option,
                      prompt_style_option, seed_option, variants_option)
-
-logger = logging.getLogger(__name__)
 
 
 def _parse_shots(text: str) -> int | None:
@@ -126,7 +123,6 @@ def finetune_cmd(data_csv, label_set, model, method, shots, out_dir, val_data, v
     cmd = invocation()
     finetune(backbone, ls, data, method=method, shots=k, seed=seed, styles=list(prompt_styles) or None, val=val,
              eval_data=ev, settings=settings, out_dir=out_dir, cache=ImageEmbeddingCache(), progress=True,
-             log=logger.info,
              training_meta={"command": cmd, "val_data": val_data, "eval_data": eval_data, "method": method})
 
 
@@ -183,5 +179,5 @@ def fewshot_study_cmd(data_csv, eval_data, label_set, model, shots, more_shots, 
     run_study(backbone, ls, data, ev, shots=ks, methods=list(methods) or list(METHODS), seeds=seeds,
               out_dir=out_dir, eval_fraction=eval_fraction, max_eval=max_eval or None,
               variants=resolve_variants(variants), val_shots=val_shots,
-              settings=_settings(**lora_kw), styles=list(prompt_styles) or None, log=logger.info, command=cmd,
+              settings=_settings(**lora_kw), styles=list(prompt_styles) or None, command=cmd,
               holdout=holdout)

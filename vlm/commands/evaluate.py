@@ -46,7 +46,7 @@ def eval_cmd(model, label_set, prompt_styles, variants, device, batch_size, adap
                                  image_cache=image_cache())
     data, desc = select_data(data_csv, scorer.label_set, mapping, split, where, group_split, seed)
     logger.info("evaluating %d images of %s (%s) with %s", len(data), data_csv, desc, scorer.backbone.name)
-    m = run_eval(scorer, data, out_dir, threshold, n_boot=n_boot, seed=seed, progress=True, log=logger.info,
+    m = run_eval(scorer, data, out_dir, threshold, n_boot=n_boot, seed=seed, progress=True,
                  extra={"subset": desc})
     _print_eval(m, out_dir)
     if m["failed"]:
@@ -74,7 +74,7 @@ def calibrate_cmd(model, label_set, prompt_styles, variants, device, batch_size,
                                  image_cache=image_cache())
     data, desc = select_data(data_csv, scorer.label_set, mapping, split, where, group_split, seed)
     payload = fit_calibration(scorer, data, "target_sensitivity" if target_sensitivity else "youden",
-                              target_sensitivity, progress=True, log=logger.info, data_description=desc)
+                              target_sensitivity, progress=True, data_description=desc)
     write_calibration(payload, out_file)
     click.echo("\n".join(summary_lines(payload)))
     click.echo(f"wrote {out_file}", err=True)
@@ -109,7 +109,7 @@ def prompts_compare(model, label_set, prompt_styles, variants, device, batch_siz
     data, desc = select_data(data_csv, ls, mapping, split, where, group_split, seed)
     logger.info("comparing prompts on %d images of %s (%s) with %s", len(data), data_csv, desc, backbone.name)
     res = compare_prompts(backbone, ls, data, list(prompt_styles), list(prompt_files), variants,
-                          image_cache=image_cache(), batch_size=batch_size, progress=True, log=logger.info)
+                          image_cache=image_cache(), batch_size=batch_size, progress=True)
     click.echo(format_table(res))
     if out_dir:
         write_compare_outputs(res, out_dir)
