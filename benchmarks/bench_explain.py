@@ -126,7 +126,7 @@ def main() -> int:
     (HERE / "explain_results.json").write_text(json.dumps(res, indent=2))
     lines = ["# Heatmap cost and sanity (CPU)", "",
              f"Command: `python benchmarks/bench_explain.py --images {args.images} --calls {args.calls}` "
-             f"({res['torch_threads']} torch threads, on a shared machine: times are upper bounds).", "",
+             f"({res['torch_threads']} torch threads; on a shared machine times are upper bounds).", "",
              f"Seconds per image for {len(LABELS)} labels ({', '.join(LABELS)}), original variant:", "",
              "| model | method | s / image |", "|---|---|---|"]
     lines += [f"| vlm-xray-starter (EdgeNeXt, 128 px) | {m} | {t:.3f} |" for m, t in res["starter_s_per_image"].items()]
