@@ -63,24 +63,52 @@ def load_scorer(
     num_workers: int | None = None,
     image_cache=None,
     text_cache=None,
+    load_options=None,
+    ood: str = "warn",
 ):
     """A ready `Scorer`: model (registry name or path; None = the bundled starter) + label set
     (name, YAML path or `LabelSet`) + optional few-shot adapter folder + calibration (see
-    `resolve_calibration`), scoring the given preprocessing variants and prompt styles."""
+    `resolve_calibration`), scoring the given preprocessing variants and prompt styles.
+
+    load_options: how inputs are read (`vlm.images.LoadOptions`: DICOM window, pixel limit, PHI).
+    ood: "warn" (each result carries an `ood` verdict), "reject" (out-of-distribution images become
+    failures) or "off"; the guard is the base model's (`vlm.ood.OODGuard`)."""
     from .labels import LabelSet, load_label_set
     from .models import load_model
     from .scoring import Scorer
+    from .text_cache import TextEmbeddingCache
 
     label_set = labels if isinstance(labels, LabelSet) else load_label_set(labels)
     backbone = load_model(model, device=resolve_device(device))
-    head = None
+    text_cache = text_cache or TextEmbeddingCache()
+    base, head = backbone, None
     if adapter:
         from .adapt import load_adapter
 
         backbone, head, label_set = load_adapter(adapter, backbone, label_set)
+    guard = ood_guard(base, label_set, ood, text_cache)  # the base model's statistics (LoRA copies the module)
     return Scorer(
         backbone, label_set, list(prompt_styles or []) or None, variants, batch_size=batch_size,
         num_workers=num_workers, text_cache=text_cache, image_cache=image_cache, head=head,
         adapter_name=str(adapter) if adapter else None,
         calibration=resolve_calibration(calibration, backbone, label_set, adapter),
+        load_options=load_options, ood_guard=guard, ood_mode=ood,
     )
+
+
+def ood_guard(backbone, label_set, mode: str, text_cache=None):
+    """The OOD guard for (model, label set), or — in warn mode — the reason there is none, which
+    every result then carries. In reject mode a missing guard is an error: nothing could be rejected."""
+    if mode == "off":
+        return None
+    from .ood import OODError, OODGuard, OODUnavailable
+
+    try:
+        return OODGuard.for_model(backbone, label_set, text_cache=text_cache)
+    except OODUnavailable as e:
+        if mode == "reject":
+            raise ValueError(f"--ood reject: {e}") from e
+        logger.warning("OOD guard unavailable: %s", e)
+        return str(e)
+    except OODError as e:
+        raise ValueError(str(e)) from e

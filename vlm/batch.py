@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 REPORTS = "reports"
 MANIFEST = "batch.json"
 SIGNATURE_KEYS = ("model", "model_fingerprint", "label_set", "variants", "prompt_styles", "threshold", "adapter",
-                  "calibration", "input_options")
+                  "calibration", "input_options", "ood_mode", "heatmap_setting")
 
 
 class BatchOutputError(ValueError):
@@ -172,6 +172,7 @@ def signature(scorer, threshold) -> dict:
         "adapter": scorer.adapter_name,
         "calibration": getattr(scorer.calibration, "source", None),
         "input_options": input_options(scorer),
+        "ood_mode": getattr(scorer, "ood_mode", "off"),
     }
 
 
@@ -398,6 +399,7 @@ def _record(run: _Run, out) -> None:
         if run.sig["input_options"] is not None:
             out.extra["input_options"] = run.sig["input_options"]
         out.extra["clinical"] = run.clinical
+        out.extra.update(ood_mode=run.sig["ood_mode"], heatmap_setting=run.sig["heatmap_setting"])
         write_report(out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src)
     except OSError:
         raise  # the output folder is failing: stop (see _output_errors), do not blame the image
@@ -406,6 +408,18 @@ def _record(run: _Run, out) -> None:
         return
     run.done[key] = out
     run.summary.scored += 1
+
+
+def _add_heatmaps(run: _Run, result: ImageResult) -> None:
+    """Overlays of the positive findings into reports/heatmaps/ and the report; a failure is noted, not fatal."""
+    from .explain import attach_heatmaps
+
+    method = None if run.sig["heatmap_setting"] == "auto" else run.sig["heatmap_setting"]
+    try:
+        attach_heatmaps(run.scorer, result, run.reports_dir / "heatmaps", method, run.scorer.load_options)
+    except (ValueError, RuntimeError) as e:  # ExplainError, ImageLoadError (file changed), tower errors
+        logger.warning("heatmaps for %s failed: %s", printable_path(result.image), e)
+        result.input_warnings.append(f"heatmaps could not be made: {e}")
 
 
 def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress: bool, engine=None) -> None:
@@ -431,6 +445,8 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
 
     with BackgroundWriter(write) as writer:
         for out in (engine or get_engine("local")).results(run.scorer, todo, run.threshold):
+            if run.sig["heatmap_setting"] and isinstance(out, ImageResult):
+                _add_heatmaps(run, out)  # here, not in the writer thread: it runs the model
             writer.submit(out)
     if run.failures:
         write_errors(run.out_dir, all_failures())
@@ -440,13 +456,15 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
 
 def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, threshold: float | None = None,
               clinical: str | None = None, progress: bool = True, chunk_size: int = 32, *, overwrite: bool = False,
-              recursive: bool = True, follow_symlinks: bool = False, engine=None) -> BatchSummary:
+              recursive: bool = True, follow_symlinks: bool = False, engine=None,
+              heatmaps: str | None = None) -> BatchSummary:
     """Score `inputs` (files, folders, globs, CSV lists) and write the batch folder; resumable.
 
     threshold: as `Scorer.thresholds` (None: the calibration's per-label thresholds, else 0.5).
     overwrite: replace an existing batch folder instead of resuming it. recursive / follow_symlinks: how
     folders are scanned (see `vlm.images.discover`). How images are read (DICOM window, pixel limit,
-    PHI) is the scorer's `load_options`. engine: a `vlm.engines` engine (default: local)."""
+    PHI) is the scorer's `load_options`. engine: a `vlm.engines` engine (default: local). heatmaps: None,
+    "auto" or a `vlm.explain` method name: overlays of each image's positive findings in its report."""
     out_dir = Path(out_dir)
     views: dict[str, str] = {}
     found = gather_inputs(inputs, views, recursive, follow_symlinks)
@@ -455,7 +473,7 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
         why = "; ".join(f"{e}: {r}" for e, r in found.skipped[:3])
         raise ValueError(f"no images found in: {' '.join(map(str, inputs))}" + (f" ({why})" if why else ""))
     threshold = scorer.thresholds(threshold)
-    sig = signature(scorer, threshold)
+    sig = {**signature(scorer, threshold), "heatmap_setting": heatmaps}
     reports_dir = prepare_out_dir(out_dir, sig, overwrite)
     summary = BatchSummary(out_dir=out_dir, total=len(paths) + len(found.skipped), not_images=found.not_images,
                            duplicates=found.duplicates, folders_not_scanned=found.folders_not_scanned)

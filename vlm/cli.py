@@ -12,6 +12,7 @@ from .commands.adapt import fewshot_study_cmd, finetune_cmd
 from .commands.cache import cache as cache_cmd
 from .commands.common import setup_logging
 from .commands.evaluate import calibrate_cmd, eval_cmd, prompts_compare
+from .commands.explain import explain_cmd
 from .commands.info import labels_cmd, models, prompts, variants_cmd
 from .commands.pretrain import pretrain_command
 from .commands.score import analyze, batch
@@ -34,7 +35,7 @@ def main(verbose, quiet):
 
 prompts.add_command(prompts_compare)
 main.add_command(cache_cmd)
-for command in (analyze, batch, eval_cmd, calibrate_cmd, finetune_cmd, fewshot_study_cmd, pretrain_command,
+for command in (analyze, batch, explain_cmd, eval_cmd, calibrate_cmd, finetune_cmd, fewshot_study_cmd, pretrain_command,
                 labels_cmd, prompts, variants_cmd, models, serve_cmd):
     main.add_command(command)
 

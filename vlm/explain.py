@@ -552,3 +552,19 @@ def save_heatmaps(heatmaps: Sequence[Heatmap], pixels: np.ndarray, out_dir: str 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_+" else "_" for c in name)
+
+
+def attach_heatmaps(scorer, result, out_dir: str | Path | None = None, method: str | None = None,
+                    load_options=None) -> None:
+    """Heatmaps of `result`'s positive findings, added to `result.heatmaps` (the inline PNG for the
+    HTML report; with `out_dir`, the overlay files too, whose paths the JSON then lists)."""
+    from .images import load_image
+
+    labels = [f.label for f in result.positives]
+    if not labels:
+        return
+    pixels = load_image(result.image, load_options).pixels
+    maps = explain(scorer, scorer.label_set, pixels, labels, method=method)
+    if out_dir is not None:
+        save_heatmaps(maps, pixels, out_dir, result.image_id)
+    result.heatmaps = [{**hm.to_dict(), "data_uri": hm.data_uri(pixels)} for hm in maps]

@@ -308,6 +308,7 @@ def summarise(
 
 
 DEFAULT_THRESHOLD = 0.5
+OOD_MODES = ("warn", "reject", "off")  # warn: verdict in the result; reject: an ImageFailure; off: not checked
 
 
 class Scorer:
@@ -333,6 +334,8 @@ class Scorer:
         adapter_name: str | None = None,
         calibration=None,
         load_options: LoadOptions | None = None,
+        ood_guard=None,
+        ood_mode: str = "off",
     ):
         self.backbone = backbone
         # how inputs are read (DICOM window, pixel limit, PHI); the label set's modality lets the loader
@@ -356,6 +359,10 @@ class Scorer:
         self.calibration = calibration
         if calibration is not None:
             calibration.check_compatible(self)  # refuses another model's calibration, or one with a head
+        if ood_mode not in OOD_MODES:
+            raise ValueError(f"ood mode must be one of {', '.join(OOD_MODES)}, got {ood_mode!r}")
+        # out-of-distribution guard (vlm.ood.OODGuard of the base model), or the reason there is none
+        self.ood_guard, self.ood_mode = ood_guard, ood_mode
 
     def thresholds(self, threshold: float | dict[str, float] | None = None) -> float | dict[str, float]:
         """The one threshold rule: an explicit threshold, else the calibration's per-label
@@ -396,12 +403,42 @@ class Scorer:
             extra={k: v for k, v in enc.info.items() if k != "input_warnings"},
         )
 
+    def ood_verdict(self, enc: EncodedImage) -> dict:
+        """Is this image what the model and label set were made for? The guard's verdict on the image
+        (its 'original' variant, encoded once more with the stage features the guard also checks), and
+        a view or body part that does not fit the label set (DICOM header) counts against it too."""
+        from .images import fit_warnings
+
+        if isinstance(self.ood_guard, str) or self.ood_guard is None:
+            return {"available": False, "in_distribution": None,
+                    "reason": self.ood_guard or "the OOD guard is off"}
+        verdict = {"available": True, **self.ood_guard.check_image(load_image(enc.path, self.load_options)).to_dict()}
+        misfit = fit_warnings(enc.view, enc.info.get("body_part"), self.load_options.label_modality)
+        if misfit:
+            also = f"; {verdict['reason']}" if verdict["in_distribution"] is False else ""
+            verdict.update(in_distribution=False, reason="; ".join(misfit) + also)
+        return verdict
+
+    def outcome(self, enc: EncodedImage, threshold: float | dict[str, float] | None = None
+                ) -> ImageResult | ImageFailure:
+        """`result` plus the OOD verdict (ood_mode warn/reject); a rejected image is an `ImageFailure`."""
+        result = self.result(enc, threshold)
+        if self.ood_mode == "off":
+            return result
+        try:
+            result.ood = self.ood_verdict(enc)
+        except ImageLoadError as e:  # the file changed or vanished since it was encoded
+            return ImageFailure(enc.path, e.reason)
+        if self.ood_mode == "reject" and result.ood["in_distribution"] is False:
+            return ImageFailure(enc.path, f"rejected as out of distribution (--ood reject): {result.ood['reason']}")
+        return result
+
     def score(self, paths: Iterable[str | Path], threshold: float | None = None,
               progress: bool = False) -> Iterator[ImageResult | ImageFailure]:
         """One `ImageResult` (or `ImageFailure`) per path, in order; `threshold` as in `thresholds`."""
         thr = self.thresholds(threshold)
         for enc in self.encode(paths, progress=progress):
-            yield enc if isinstance(enc, ImageFailure) else self.result(enc, thr)
+            yield enc if isinstance(enc, ImageFailure) else self.outcome(enc, thr)
 
 
 def score_image(path: str | Path, backbone: Backbone, label_set: LabelSet, threshold: float | None = None,

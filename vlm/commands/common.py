@@ -101,6 +101,34 @@ def threshold_option(what="a finding is called positive"):
              f"in use (see --calibration), else 0.5.")
 
 
+def _window(ctx, param, value):
+    if value is None:
+        return None
+    from ..images import parse_window
+
+    try:
+        return parse_window(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+# How inputs are read (vlm.images.LoadOptions); see docs/inputs.md.
+input_options = _options(
+    click.option("--window", default=None, metavar="C,W", callback=_window,
+                 help="DICOM: window centre,width (e.g. 40,400) instead of the file's first VOI window."),
+    click.option("--max-pixels", default=64_000_000, show_default=True, type=click.IntRange(1),
+                 help="Refuse images with more pixels than this before decoding them (decompression bombs)."),
+    click.option("--include-phi", is_flag=True,
+                 help="Keep identifying DICOM header values in outputs (off: only view, laterality, body part)."),
+    click.option("--multiframe", default="first", show_default=True, type=click.Choice(["first", "refuse"]),
+                 help="Multi-frame DICOM/animated files: score the first frame (with a warning) or refuse them."),
+)
+
+ood_option = click.option(
+    "--ood", default="warn", show_default=True, type=click.Choice(["warn", "reject", "off"]),
+    help="Out-of-distribution guard: warn (a visible warning in the table, report and JSON), reject (the image "
+         "is listed as failed, with the reason), off.")
+
 scorer_options = _options(
     model_option, labels_option, prompt_style_option, variants_option(), device_option,
     click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
@@ -126,14 +154,20 @@ data_options = _options(
 )
 
 
+def load_options_from(window=None, max_pixels=64_000_000, include_phi=False, multiframe="first"):
+    from ..images import LoadOptions
+
+    return LoadOptions(window=window, max_pixels=max_pixels, include_phi=include_phi, multiframe=multiframe)
+
+
 def scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration,
-                        image_cache=None):
+                        image_cache=None, load_options=None, ood="off"):
     """The one place a command turns its shared options into a scorer (through the library's front door)."""
     from ..api import load_scorer
 
     return load_scorer(model, label_set, adapter=adapter, calibration=calibration, variants=variants,
                        prompt_styles=list(prompt_styles), device=device, batch_size=batch_size,
-                       image_cache=image_cache)
+                       image_cache=image_cache, load_options=load_options, ood=ood)
 
 
 def image_cache():

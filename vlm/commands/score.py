@@ -6,8 +6,33 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, default_out_dir, friendly_errors, image_cache, scorer_from_options, scorer_options,
-                     threshold_option)
+from .common import (UserError, default_out_dir, friendly_errors, image_cache, input_options, load_options_from,
+                     ood_option, scorer_from_options, scorer_options, threshold_option)
+
+heatmap_options = [
+    click.option("--heatmaps", is_flag=True,
+                 help="Add heatmaps of the positive findings (regions that raised each score) to the reports/JSON."),
+    click.option("--heatmap-method", default=None, metavar="NAME",
+                 help="Force a heatmap method (gradcam, gradcam++, hirescam, rollout, patch-text; default: by tower)."),
+]
+
+
+def _with(options):
+    def apply(fn):
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+
+    return apply
+
+
+def _ood_note(result) -> str | None:
+    ood = result.ood or {}
+    if ood.get("in_distribution") is False:
+        return f"  WARNING: out of distribution for this model/label set: {ood.get('reason')}"
+    if ood.get("available") is False:
+        return f"  note: no out-of-distribution check ({ood.get('reason')})"
+    return None
 
 
 def format_table(result) -> str:
@@ -19,7 +44,9 @@ def format_table(result) -> str:
         call = "POSITIVE" if f.positive else "-"
         lines.append(f"  {(f.display or f.label):<{width}}  {f.probability:6.3f}  {f.uncertainty:6.3f}  "
                      f"{f.threshold:5.2f}  {call}")
-    return "\n".join(lines)
+    lines += [f"  input warning: {w}" for w in result.input_warnings]
+    note = _ood_note(result)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def _write_json(results, json_out: str, single: bool) -> None:
@@ -47,32 +74,45 @@ def _write_json(results, json_out: str, single: bool) -> None:
 @click.option("--markdown", "md_out", default=None, metavar="PATH",
               help="Write the report as Markdown. Several images: PATH is a folder.")
 @click.option("--clinical", default=None, metavar="TEXT", help="Clinical information shown in the report.")
+@input_options
+@ood_option
+@_with(heatmap_options)
 @friendly_errors
 def analyze(images, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, threshold,
-            json_out, html_out, md_out, clinical):
+            json_out, html_out, md_out, clinical, window, max_pixels, include_phi, multiframe, ood, heatmaps,
+            heatmap_method):
     """Score IMAGES (files, folders or globs; PNG, JPEG, 8/16-bit, RGB(A), DICOM).
 
     Prints, per image, each finding's probability (mean over preprocessing variants x prompt
     styles), its uncertainty (standard deviation over the same), and whether it reaches
     --threshold. Unreadable files are reported on stderr and the others still scored (exit 1).
     """
-    from ..images import find_images
+    from ..images import discover
     from ..results import ImageFailure
 
-    paths = find_images(list(images))
+    found = discover(list(images))
+    paths = found.images
+    for entry, reason in found.skipped:
+        click.echo(f"error: {entry}: {reason}", err=True)
     if not paths:
         raise UserError(f"no images found in: {' '.join(images)}")
     for opt, target in (("--html", html_out), ("--markdown", md_out)):
         if target and len(paths) > 1 and (Path(target).suffix or Path(target).is_file()):
             raise UserError(f"{opt} {target}: with several images {opt} takes a folder; "
                             "or use `vlm-xray batch IMAGES --out DIR` for reports with an index")
-    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration)
-    results, failures = [], []
+    load_options = load_options_from(window, max_pixels, include_phi, multiframe)
+    scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration,
+                                 load_options=load_options, ood=ood)
+    results, failures = [], list(found.skipped)
     for out in scorer.score(paths, threshold, progress=len(paths) > 8):
         if isinstance(out, ImageFailure):
             failures.append(out)
             click.echo(f"error: {out.image}: {out.reason}", err=True)
         else:
+            if heatmaps:
+                from ..explain import attach_heatmaps
+
+                attach_heatmaps(scorer, out, _heatmap_dir(html_out, md_out, json_out), heatmap_method, load_options)
             results.append(out)
             if json_out != "-":
                 click.echo(format_table(out))
@@ -85,6 +125,15 @@ def analyze(images, model, label_set, prompt_styles, variants, device, batch_siz
             click.echo(f"wrote {written}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _heatmap_dir(*outputs) -> Path:
+    """Overlay PNGs go beside the first report/JSON written to a file, else to reports/heatmaps/."""
+    for out in outputs:
+        if out and out != "-":
+            target = Path(out)
+            return (target if not target.suffix else target.parent) / "heatmaps"
+    return Path("reports") / "heatmaps"
 
 
 @click.command()
@@ -104,9 +153,18 @@ def analyze(images, model, label_set, prompt_styles, variants, device, batch_siz
 @click.option("--num-workers", default=None, type=click.IntRange(0), metavar="N",
               help="local: decode worker processes (default: CPUs - 1); ray: model replicas (default 1).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the image encoder (local engine).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Scan folders recursively (images are found by content, whatever their suffix).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to folders (loops are detected).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing batch folder instead of resuming it (never a folder that is not a batch's).")
+@input_options
+@ood_option
+@_with(heatmap_options)
 @friendly_errors
 def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, out_dir,
-          threshold, clinical, chunk_size, engine, ray_address, num_workers, compile_model):
+          threshold, clinical, chunk_size, engine, ray_address, num_workers, compile_model, recursive, follow_symlinks,
+          overwrite, window, max_pixels, include_phi, multiframe, ood, heatmaps, heatmap_method):
     """Score INPUTS (files, folders, globs, or a .csv list with a `filename` column relative to it)
     and write a report per image plus a sortable index to --out DIR.
 
@@ -114,10 +172,8 @@ def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size,
     variants, styles and threshold are not scored again. Exit code 1 if some inputs failed
     (listed in DIR/errors.csv).
     """
-    from ..batch import collect_inputs, run_batch
+    from ..batch import run_batch
 
-    if not collect_inputs(inputs):
-        raise UserError(f"no images found in: {' '.join(inputs)}")
     out_dir = out_dir or default_out_dir(inputs)
     from ..engines import get_engine
 
@@ -126,15 +182,16 @@ def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size,
     else:
         options = {"num_workers": num_workers, "compile": compile_model}
     scorer = scorer_from_options(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration,
-                                 image_cache=image_cache())  # new prompts/thresholds: only text work
+                                 image_cache=image_cache(),  # new prompts/thresholds: only text work
+                                 load_options=load_options_from(window, max_pixels, include_phi, multiframe), ood=ood)
     try:
         summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size,
-                            engine=get_engine(engine, **options))
+                            engine=get_engine(engine, **options), overwrite=overwrite, recursive=recursive,
+                            follow_symlinks=follow_symlinks, heatmaps=heatmap_method or "auto" if heatmaps else None)
     except KeyboardInterrupt:
         click.echo("interrupted; finished reports are kept - run the same command again to resume", err=True)
         sys.exit(130)
     click.echo(str(summary))
     for f in summary.failed:
         click.echo(f"error: {f.image}: {f.reason}", err=True)
-    if summary.failed:
-        sys.exit(1)
+    sys.exit(summary.exit_code)

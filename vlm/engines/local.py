@@ -36,4 +36,4 @@ class LocalEngine:
         encoder = compiled_encoder(scorer.backbone) if self.compile else None
         for enc in encode_images(scorer.backbone, paths, scorer.variants, scorer.batch_size, workers,
                                  scorer.image_cache, load_options=scorer.load_options, encoder=encoder):
-            yield enc if isinstance(enc, ImageFailure) else scorer.result(enc, thr)
+            yield enc if isinstance(enc, ImageFailure) else scorer.outcome(enc, thr)

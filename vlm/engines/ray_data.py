@@ -198,7 +198,7 @@ class RayEngine:
             new_entries.append((row["digest"], meta, emb))
         elif not row["fresh"] and scorer.image_cache is not None:
             scorer.image_cache.hits += 1
-        return scorer.result(_encoded(PreparedImage(row["path"], meta), torch.from_numpy(emb)), thr)
+        return scorer.outcome(_encoded(PreparedImage(row["path"], meta), torch.from_numpy(emb)), thr)
 
     @staticmethod
     def _flush(scorer, new_entries, min_rows):

@@ -39,7 +39,7 @@ _FORM_FIELDS = {
     "heatmaps": {"type": "boolean", "description": "Add a base64 PNG overlay per positive finding."},
     "heatmap_alpha": {"type": "number", "minimum": 0, "maximum": 1, "description": "Overlay opacity (0.45)."},
     "ood": {"type": "string", "enum": list(OOD_MODES),
-            "description": "Out-of-distribution guard: off (default), warn (verdict in `ood`), reject (422)."},
+            "description": "Out-of-distribution guard: warn (default: verdict in `ood`, as analyze), reject (422), off."},
     "charts": {"type": "boolean", "description": "Add the report's plotly figures (JSON) under `charts`."},
 }
 _ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"],
@@ -95,7 +95,11 @@ async def _score_upload(service: ScoringService, request: Request) -> tuple[dict
     result = await service.off_loop(service.result, scorer, image, embeddings, form.filename, opts.threshold)
     out = result.to_dict()
     if opts.ood != "off":
-        out["ood"] = service.ood_verdict(scorer.label_set.name, embeddings, scorer.variants)
+        try:  # on the model thread: the full check encodes the image once more, with stage-feature hooks
+            out["ood"] = await service.batcher.submit_call(lambda: service.ood_verdict(scorer.label_set.name, image))
+        except QueueFull as e:
+            raise ApiError(503, "busy", "the model queue is full; retry later",
+                           {"Retry-After": str(e.retry_after_s)}) from None
         if opts.ood == "reject" and out["ood"]["in_distribution"] is not True:
             raise ApiError(422, "out_of_distribution", out["ood"]["reason"])
     if opts.heatmaps:

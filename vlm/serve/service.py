@@ -34,7 +34,7 @@ class PredictOptions:
     variants: tuple[str, ...] | None = None
     heatmaps: bool = False
     heatmap_alpha: float = 0.45
-    ood: str = "off"
+    ood: str = "warn"
 
     @property
     def scorer_key(self) -> tuple:
@@ -74,7 +74,7 @@ def parse_options(fields: dict[str, str], default_labels: str) -> PredictOptions
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown form field(s): {', '.join(unknown)[:200]}; known: "
                                                f"file, {', '.join(sorted(KNOWN_FIELDS))}")
-    ood = (fields.get("ood") or "off").strip().lower()
+    ood = (fields.get("ood") or "warn").strip().lower()
     if ood not in OOD_MODES:
         raise ApiError(422, "invalid_request", f"ood must be one of {', '.join(OOD_MODES)}, got {ood[:40]!r}")
     threshold = fields.get("threshold", "").strip()
@@ -264,11 +264,12 @@ class ScoringService:
         enc = EncodedImage(name, safe_id(name), embeddings, image.view, image.size, image.result_info())
         return scorer.result(enc, threshold)
 
-    def ood_verdict(self, label_set: str, embeddings, variants) -> dict:
+    def ood_verdict(self, label_set: str, image) -> dict:
+        """The guard's full check (embedding and stage features of the 'original' variant)."""
         guard = self.guards.get(label_set)
         if guard is None or isinstance(guard, str):
             return {"available": False, "in_distribution": None, "reason": guard or "no OOD check for this label set"}
-        verdict = guard.check(embeddings, variants)
+        verdict = guard.check_image(image.pixels)
         return {"available": True, **verdict.to_dict()}
 
     def heatmaps(self, scorer, image, result, alpha: float) -> dict:
