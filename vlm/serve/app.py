@@ -39,7 +39,7 @@ _FORM_FIELDS = {
     "heatmaps": {"type": "boolean", "description": "Add a base64 PNG overlay per positive finding."},
     "heatmap_alpha": {"type": "number", "minimum": 0, "maximum": 1, "description": "Overlay opacity (0.45)."},
     "ood": {"type": "string", "enum": list(OOD_MODES),
-            "description": "Out-of-distribution guard: warn (default: verdict in `ood`, as analyze), reject (422), off."},
+            "description": "Out-of-distribution guard: off (default), warn (verdict in `ood`, as analyze's default), reject (422)."},
     "charts": {"type": "boolean", "description": "Add the report's plotly figures (JSON) under `charts`."},
 }
 _ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"],

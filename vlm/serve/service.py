@@ -34,7 +34,7 @@ class PredictOptions:
     variants: tuple[str, ...] | None = None
     heatmaps: bool = False
     heatmap_alpha: float = 0.45
-    ood: str = "warn"
+    ood: str = "off"  # the verdict is on request (`ood=warn|reject`), as the API asks
 
     @property
     def scorer_key(self) -> tuple:
@@ -74,7 +74,7 @@ def parse_options(fields: dict[str, str], default_labels: str) -> PredictOptions
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown form field(s): {', '.join(unknown)[:200]}; known: "
                                                f"file, {', '.join(sorted(KNOWN_FIELDS))}")
-    ood = (fields.get("ood") or "warn").strip().lower()
+    ood = (fields.get("ood") or "off").strip().lower()
     if ood not in OOD_MODES:
         raise ApiError(422, "invalid_request", f"ood must be one of {', '.join(OOD_MODES)}, got {ood[:40]!r}")
     threshold = fields.get("threshold", "").strip()
