@@ -121,16 +121,34 @@ class EmbeddingStore:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        """Open with retries: switching a new file to WAL and creating the schema need a lock that SQLite
+        does not wait for through the busy timeout when another process is doing the same thing."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(0.5, delay * 2)
+
+    def _open_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            logger.warning("embedding store %s: the file system does not support WAL; concurrent runs will wait "
-                           "on each other", self.path)
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: never corrupt; a crash loses the last batch
-        with _transaction(conn):
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                logger.warning("embedding store %s: the file system does not support WAL; concurrent runs will "
+                               "wait on each other", self.path)
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: never corrupt; a crash loses the last batch
+            with _transaction(conn):
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def close(self) -> None:
