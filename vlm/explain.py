@@ -469,13 +469,13 @@ def explain_tensor(backbone, pixels: torch.Tensor, directions: torch.Tensor,
     return name, np.asarray(maps, dtype=np.float32), scores
 
 
-def _crop_geometry(h: int, w: int, size: int) -> tuple[float, tuple[float, float, float, float]]:
-    """Scale and crop box (original pixels) of transforms.resize_center_crop."""
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (nh - size) // 2, (nw - size) // 2
+def _crop_box(h: int, w: int, size: int) -> tuple[float, float, float, float]:
+    """The model-input crop of `transforms.resize_center_crop` as a box (x0, y0, x1, y1) in original pixels."""
+    from .transforms import crop_geometry
+
+    _, nh, nw, top, left = crop_geometry(h, w, size)
     sy, sx = h / nh, w / nw
-    return scale, (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def _to_heatmap(label: str, method: str, raw: np.ndarray, score: float, size: int,
@@ -512,7 +512,7 @@ def explain(scorer_or_backbone, label_set, image, labels: Sequence[str] | None =
     directions = label_directions(classifier, labels)
     x = model_transform(pixels, backbone.image_size, backbone.mean, backbone.std)[None]
     name, raw, scores = explain_tensor(backbone, x, directions, method)
-    _, box = _crop_geometry(pixels.shape[0], pixels.shape[1], backbone.image_size)
+    box = _crop_box(pixels.shape[0], pixels.shape[1], backbone.image_size)
     return [_to_heatmap(lab, name, raw[i], scores[i], backbone.image_size, box) for i, lab in enumerate(labels)]
 
 
