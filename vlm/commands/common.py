@@ -124,6 +124,16 @@ input_options = _options(
                  help="Multi-frame DICOM/animated files: score the first frame (with a warning) or refuse them."),
 )
 
+heatmap_method_option = click.option(
+    "--heatmap-method", default=None, metavar="NAME",
+    help="Force a heatmap method (gradcam, gradcam++, hirescam, rollout, patch-text; default: chosen by the tower).")
+
+heatmap_options = _options(
+    click.option("--heatmaps", is_flag=True,
+                 help="Add heatmaps of the positive findings (regions that raised each score) to the reports/JSON."),
+    heatmap_method_option,
+)
+
 ood_option = click.option(
     "--ood", default="warn", show_default=True, type=click.Choice(["warn", "reject", "off"]),
     help="Out-of-distribution guard: warn (a visible warning in the table, report and JSON), reject (the image "

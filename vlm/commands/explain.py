@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import (UserError, device_option, friendly_errors, labels_option, model_option, prompt_style_option,
-                     scorer_from_options)
+from .common import (UserError, device_option, friendly_errors, heatmap_method_option, labels_option, model_option,
+                     prompt_style_option, scorer_from_options)
 
 
 @click.command("explain")
@@ -13,8 +13,7 @@ from .common import (UserError, device_option, friendly_errors, labels_option, m
               help="Finding to explain (repeatable). Default: every label of the label set.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Writes DIR/<image id>.<label>.<method>.png overlays (and .npy maps with --npy).")
-@click.option("--heatmap-method", "method", default=None, metavar="NAME",
-              help="Force a method (gradcam, gradcam++, hirescam, rollout, patch-text; default: chosen by the tower).")
+@heatmap_method_option
 @click.option("--npy", is_flag=True, help="Also save each float map (the model's input crop, values 0-1) as .npy.")
 @click.option("--alpha", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Overlay opacity.")
 @model_option
@@ -23,7 +22,7 @@ from .common import (UserError, device_option, friendly_errors, labels_option, m
 @device_option
 @click.option("--adapter", default=None, metavar="DIR", type=click.Path(), help="Few-shot adapter folder.")
 @friendly_errors
-def explain_cmd(images, labels, out_dir, method, npy, alpha, model, label_set, prompt_styles, device, adapter):
+def explain_cmd(images, labels, out_dir, heatmap_method, npy, alpha, model, label_set, prompt_styles, device, adapter):
     """Heatmaps of findings on IMAGES: where the image raised each finding's prompt-ensemble score.
 
     Saliency is not localisation: a map shows what moved the score, not where a lesion is.
@@ -41,7 +40,7 @@ def explain_cmd(images, labels, out_dir, method, npy, alpha, model, label_set, p
                         f"({', '.join(scorer.label_set.names)})")
     for path in paths:
         image = load_image(path)
-        maps = save_heatmaps(explain(scorer, scorer.label_set, image, list(labels) or None, method=method),
+        maps = save_heatmaps(explain(scorer, scorer.label_set, image, list(labels) or None, method=heatmap_method),
                              image.pixels, out_dir, image.id, npy=npy, alpha=alpha)
         for hm in maps:
             note = " (empty: nothing raised this score)" if hm.empty else ""

@@ -6,25 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, default_out_dir, friendly_errors, image_cache, input_options, load_options_from,
-                     ood_option, scorer_from_options, scorer_options, threshold_option)
-
-heatmap_options = [
-    click.option("--heatmaps", is_flag=True,
-                 help="Add heatmaps of the positive findings (regions that raised each score) to the reports/JSON."),
-    click.option("--heatmap-method", default=None, metavar="NAME",
-                 help="Force a heatmap method (gradcam, gradcam++, hirescam, rollout, patch-text; default: by tower)."),
-]
-
-
-def _with(options):
-    def apply(fn):
-        for o in reversed(options):
-            fn = o(fn)
-        return fn
-
-    return apply
-
+from .common import (UserError, default_out_dir, friendly_errors, heatmap_options, image_cache, input_options,
+                     load_options_from, ood_option, scorer_from_options, scorer_options, threshold_option)
 
 def _ood_note(result) -> str | None:
     ood = result.ood or {}
@@ -76,7 +59,7 @@ def _write_json(results, json_out: str, single: bool) -> None:
 @click.option("--clinical", default=None, metavar="TEXT", help="Clinical information shown in the report.")
 @input_options
 @ood_option
-@_with(heatmap_options)
+@heatmap_options
 @friendly_errors
 def analyze(images, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, threshold,
             json_out, html_out, md_out, clinical, window, max_pixels, include_phi, multiframe, ood, heatmaps,
@@ -160,7 +143,7 @@ def _heatmap_dir(*outputs) -> Path:
               help="Replace an existing batch folder instead of resuming it (never a folder that is not a batch's).")
 @input_options
 @ood_option
-@_with(heatmap_options)
+@heatmap_options
 @friendly_errors
 def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, out_dir,
           threshold, clinical, chunk_size, engine, ray_address, num_workers, compile_model, recursive, follow_symlinks,
@@ -187,7 +170,7 @@ def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size,
     try:
         summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size,
                             engine=get_engine(engine, **options), overwrite=overwrite, recursive=recursive,
-                            follow_symlinks=follow_symlinks, heatmaps=heatmap_method or "auto" if heatmaps else None)
+                            follow_symlinks=follow_symlinks, heatmaps=(heatmap_method or "auto") if heatmaps else None)
     except KeyboardInterrupt:
         click.echo("interrupted; finished reports are kept - run the same command again to resume", err=True)
         sys.exit(130)
