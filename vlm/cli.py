@@ -14,7 +14,7 @@ from .commands.common import setup_logging
 from .commands.evaluate import calibrate_cmd, eval_cmd, prompts_compare
 from .commands.explain import explain_cmd
 from .commands.info import labels_cmd, models, prompts, variants_cmd
-from .commands.pretrain import pretrain_command
+from .commands.pretrain import pretrain_command, pretrain_stage2_command
 from .commands.score import analyze, batch
 from .commands.serve import serve_cmd
 
@@ -36,7 +36,7 @@ def main(verbose, quiet):
 prompts.add_command(prompts_compare)
 main.add_command(cache_cmd)
 for command in (analyze, batch, explain_cmd, eval_cmd, calibrate_cmd, finetune_cmd, fewshot_study_cmd, pretrain_command,
-                labels_cmd, prompts, variants_cmd, models, serve_cmd):
+                pretrain_stage2_command, labels_cmd, prompts, variants_cmd, models, serve_cmd):
     main.add_command(command)
 
 

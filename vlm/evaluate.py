@@ -233,13 +233,17 @@ def scorer_probabilities(scorer, emb, chunk: int = 256) -> np.ndarray:
     return torch.cat(outs).numpy()
 
 
+def image_probabilities(scorer, emb, n_labels: int) -> np.ndarray:
+    """(N, V, D) embeddings -> (N, L) mean probability over variants x styles."""
+    p = scorer_probabilities(scorer, emb)
+    return p.reshape(len(p), -1, p.shape[-1]).mean(1) if len(p) else p.reshape(0, n_labels)
+
+
 def score_dataset(scorer, data, progress: bool = False):
     """Mean probability over variants x styles per image: (probs (N_ok, L), ok indices, failures)."""
     emb, ok, failures = encode_dataset(scorer.backbone, data.paths, scorer.variants, scorer.image_cache,
                                        scorer.batch_size, scorer.num_workers, progress)
-    p = scorer_probabilities(scorer, emb)
-    return p.reshape(len(p), -1, p.shape[-1]).mean(1) if len(p) else p.reshape(0, len(data.label_set.labels)), \
-        ok, failures
+    return image_probabilities(scorer, emb, len(data.label_set.labels)), ok, failures
 
 
 def cache_line(cache) -> str:
@@ -249,13 +253,17 @@ def cache_line(cache) -> str:
 
 
 def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: int = 1000, seed: int = 0,
-             progress: bool = True, html: bool = True, extra: dict | None = None) -> dict:
+             progress: bool = True, html: bool = True, extra: dict | None = None, within_source: bool = False) -> dict:
     """Score `data` with `scorer`, evaluate, and write DIR/metrics.json, predictions.csv, index.html.
 
-    threshold None: the calibration's per-label thresholds when the scorer has one, else 0.5."""
+    threshold None: the calibration's per-label thresholds when the scorer has one, else 0.5.
+    within_source: add `within_source` (each label against same-source negatives only) and
+    `source_probe` (`vlm.within_source`); needs a `source` column."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    probs, ok, failures = score_dataset(scorer, data, progress)
+    emb, ok, failures = encode_dataset(scorer.backbone, data.paths, scorer.variants, scorer.image_cache,
+                                       scorer.batch_size, scorer.num_workers, progress)
+    probs = image_probabilities(scorer, emb, len(data.label_set.labels))
     if len(ok) == 0:
         raise ValueError(f"{data.csv_path}: none of the {len(data)} images could be read")
     thresholds = scorer.thresholds(threshold)
@@ -285,10 +293,25 @@ def run_eval(scorer, data, out_dir, threshold: float | None = None, *, n_boot: i
         "seconds": round(time.perf_counter() - t0, 2),
     }
     meta.update(extra or {})
+    if within_source:
+        meta.update(source_report(sub, probs, emb, n_boot, seed))
     metrics = {**meta, **metrics}
     logger.info(cache_line(cache))
     write_outputs(metrics, sub, probs, out_dir, html=html)
     return metrics
+
+
+def source_report(data, probs: np.ndarray, emb, n_boot: int, seed: int) -> dict:
+    """{"within_source": ..., "source_probe": ...} of scored rows (`vlm.within_source`)."""
+    from .within_source import source_probe, within_source
+
+    sources = data.column("source")
+    if not any(sources):
+        raise ValueError(f"{data.csv_path}: --within-source needs a 'source' column")
+    e = emb.mean(1) if emb.ndim == 3 else emb
+    e = e.numpy() if hasattr(e, "numpy") else np.asarray(e)
+    return {"within_source": within_source(data.targets, probs, data.label_set, sources, data.groups, n_boot, seed),
+            "source_probe": source_probe(e, sources, data.groups, seed, data.targets, data.label_set.names)}
 
 
 def predictions_csv(data, probs: np.ndarray, thresholds: dict[str, float] | float) -> str:

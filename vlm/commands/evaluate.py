@@ -34,9 +34,13 @@ def _print_eval(m: dict, out_dir: Path) -> None:
 @threshold_option("sensitivity/specificity/F1 count a finding as positive")
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, type=click.IntRange(0),
               help="Bootstrap resamples for the AUC 95% CIs (patients are resampled when the CSV has them).")
+@click.option("--within-source", is_flag=True,
+              help="Also score each label only against negatives from the same 'source' column value (COVID-QU "
+                   "COVID vs COVID-QU normals...), and fit a source probe on the embeddings: where each class comes "
+                   "from a different collection, one-vs-rest AUC rewards recognising the collection.")
 @friendly_errors
 def eval_cmd(model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, data_csv, mapping,
-             split, where, group_split, seed, out_dir, threshold, n_boot):
+             split, where, group_split, seed, out_dir, threshold, n_boot, within_source):
     """Evaluate on labelled data: per-label ROC AUC with 95% CI, mean AUC, sensitivity/specificity/
     precision/F1 at the threshold(s), ECE; accuracy, macro-F1 and confusion matrix for multi-class sets."""
     from ..evaluate import run_eval, select_data
@@ -47,8 +51,16 @@ def eval_cmd(model, label_set, prompt_styles, variants, device, batch_size, adap
     data, desc = select_data(data_csv, scorer.label_set, mapping, split, where, group_split, seed)
     logger.info("evaluating %d images of %s (%s) with %s", len(data), data_csv, desc, scorer.backbone.name)
     m = run_eval(scorer, data, out_dir, threshold, n_boot=n_boot, seed=seed, progress=True,
-                 extra={"subset": desc})
+                 extra={"subset": desc}, within_source=within_source)
     _print_eval(m, out_dir)
+    if within_source:
+        from ..within_source import summary_lines
+
+        click.echo("within source: " + "\n".join(summary_lines(m["within_source"])))
+        probe = m["source_probe"]
+        if probe:
+            click.echo(f"source probe: accuracy {probe['accuracy']:.3f} (balanced {probe['balanced_accuracy']:.3f}, "
+                       f"majority {probe['majority']:.3f}) over {', '.join(probe['sources'])}")
     if m["failed"]:
         sys.exit(1)
 

@@ -97,3 +97,56 @@ def _command_line() -> str:
         args = args[args.index("pretrain") + 1:]
     return "vlm-xray pretrain " + " ".join(shlex.quote(a) for a in args)
 
+
+
+@click.command("pretrain-stage2", context_settings={"show_default": True})
+@click.option("--base", required=True, metavar="NAME|PATH",
+              help="Stage-1 model (edgenext_xx_small tower, from `vlm-xray pretrain`) whose body is kept frozen; "
+                   "its image projection is the starting point of the new one.")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH[:LABELSET]",
+              help="Labelled CSVs (or folders), exactly as given to the stage-1 run (same patient split).")
+@click.option("--train-only-data", "train_only_data", multiple=True, metavar="PATH[:LABELSET]",
+              help="Data used for training only, never validation (e.g. nih14-lowres); rows of validation "
+                   "patients are dropped.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output model folder.")
+@click.option("--withhold", "withhold", multiple=True, metavar="LABEL",
+              help="Label whose training rows are dropped (repeatable); base it on a stage-1 model that withheld it.")
+@click.option("--views", default=3, type=int, help="Cached body-map views per image (1 plain + augmented ones).")
+@click.option("--epochs", default=40, type=int)
+@click.option("--batch-size", default=256, type=int)
+@click.option("--lr", default=1e-3, type=float, help="Peak AdamW learning rate (one-cycle).")
+@click.option("--prompt-weight", default=0.0, type=float, help="Weight of the per-label prompt loss (0 = off).")
+@click.option("--sampling", default="uniform", type=click.Choice(["uniform", "balanced"]),
+              help="balanced: rows drawn with weight 1/sqrt(count of their label combination).")
+@click.option("--lowres-prob", default=0.15, type=float,
+              help="Share of augmented views downsampled to 64 px and back (resolution invariance).")
+@seed_option
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Cache resized images and body maps here to start later runs in seconds.")
+@click.option("--resume/--no-resume", default=False, help="Continue from OUT/stage2_state.pt.")
+@friendly_errors
+def pretrain_stage2_command(base, data, train_only_data, out_dir, withhold, views, epochs, batch_size, lr,
+                            prompt_weight, sampling, lowres_prob, seed, cache_dir, resume):
+    """Stage 2: add two transformer blocks (fused attn.qkv, full weight: what LoRA adapts) to a
+    trained conv tower, freeze its body, and train the blocks on cached body feature maps.
+
+    \b
+    How the bundled v2 starter was made (see its model card):
+      vlm-xray pretrain-stage2 --base STAGE1_MODEL --data ../shared/data/nih14 \\
+          --data ../shared/data/chest4 --data ../shared/data/skin \\
+          --train-only-data ../shared/data/nih14-lowres --out my-starter-v2 --cache-dir cache
+
+    CPU only (the frozen body runs once per image and view). Not a diagnostic device.
+    """
+    from ..pretrain.stage2 import Stage2Config, stage2
+
+    args = sys.argv[sys.argv.index("pretrain-stage2") + 1:] if "pretrain-stage2" in sys.argv else sys.argv[1:]
+    config = Stage2Config(base=base, data=list(data), out_dir=out_dir, train_only_data=list(train_only_data),
+                          withhold_labels=tuple(withhold), views=views, epochs=epochs, batch_size=batch_size, lr=lr,
+                          prompt_weight=prompt_weight, sampling=sampling, lowres_prob=lowres_prob, seed=seed,
+                          cache_dir=cache_dir, resume=resume,
+                          command="vlm-xray pretrain-stage2 " + " ".join(shlex.quote(a) for a in args))
+    m = stage2(config)
+    click.echo(f"wrote {out_dir} (best epoch {m['best_epoch']}, {m['seconds']['total'] / 60:.1f} min)")
+    for s, v in m["val"].items():
+        click.echo(f"  {s}: mean AUC {v['mean_auc']:.3f}")

@@ -129,6 +129,8 @@ def build_open_clip(model_cfg: dict, pretrained_text: bool = False) -> nn.Module
     except an HF text tower, which loads its pretrained weights when `pretrained_text`)."""
     from open_clip.model import CLIP, CustomTextCLIP
 
+    from . import towers  # noqa: F401 - registers vlm's own timm towers (convvit_*, edgenext_xx_small_attn2)
+
     cfg = json.loads(json.dumps(model_cfg))
     custom = cfg.pop("custom_text", False)
     text_cfg = cfg["text_cfg"]

@@ -19,8 +19,10 @@ Modules:
     loop        TrainingRun, one step, one epoch
     evaluation  zero-shot validation AUCs (+ patient-bootstrap intervals)
     checkpoint  safetensors weights, train_state.pt
-    card        model card from templates/model_card.md.j2
+    card        model cards from templates/model_card.md.j2 and model_card_stage2.md.j2
     train       pretrain(): prepare, train, finish
+    extras      train-only data, class-balanced sampling, low-resolution augmentation
+    stage2      stage2(Stage2Config): attention blocks on a trained, frozen conv body (the v2 starters)
 
 Names are imported lazily so that importing the package (the CLI) does not import torch.
 """
@@ -36,7 +38,8 @@ _LAZY = {
     "make_captions": "captions", "prompt_bank": "captions",
     "build_model_cfg": "model", "build_model": "model",
     "zero_shot_auc": "evaluation", "zero_shot_probs": "evaluation",
-    "model_card": "card",
+    "model_card": "card", "stage2_card": "card",
+    "Stage2Config": "stage2", "stage2": "stage2",
 }
 
 __all__ = ["DEFAULT_IMAGE_TOWER", "TEXT_CFG", "TEXT_WIDTH", "PretrainConfig", "parse_data_spec",

@@ -51,3 +51,52 @@ def model_card(m: dict, label_sets: dict[str, LabelSet], config: PretrainConfig)
     return render("model_card.md.j2", name=m["name"], m={**m, "data": data}, c=c, text_projection=text_projection,
                   loss_text=LOSS_TEXT[c["loss"]], train_counts=train_counts, ci_text=ci_text,
                   n_boot=m.get("card_bootstrap", 0), command=command, command_shortened=shortened)
+
+
+def _portable(cmd: str | None) -> str:
+    """A command line without this machine's paths: data as ../shared/data/..., outputs by folder name."""
+    import re
+
+    if not cmd:
+        return "(Python API)"
+    cmd = re.sub(r"\S*/shared/data/", "../shared/data/", cmd)
+    return re.sub(r"(--out|--cache-dir) (\S*/)?([^/\s]+)", r"\1 \3", cmd)
+
+
+def _calibrations(folder: Path) -> list[dict]:
+    import json
+
+    out = []
+    for p in sorted(folder.glob("calibration-*.json")):
+        c = json.loads(p.read_text(encoding="utf-8"))
+        out.append({"file": p.name, "method": c.get("method", "?"), "n_images": c.get("n_images"),
+                    "data": _portable(str(c.get("data", "?"))).replace("\\", "/").split("shared/data/")[-1],
+                    "before": c.get("mean_ece_before"), "after": c.get("mean_ece_after"),
+                    "threshold_method": c.get("threshold_method", "?")})
+    return out
+
+
+def stage2_card(folder: Path, m: dict) -> str:
+    """Render README.md of a stage-2 folder from its metrics.json, its calibration files and, when
+    present, `evaluation.json` (within-source rows and the source probe); writes and returns it."""
+    import json
+
+    from ..fileio import atomic_write_text
+
+    folder = Path(folder)
+    ev_path = folder / "evaluation.json"
+    ev = json.loads(ev_path.read_text(encoding="utf-8")) if ev_path.is_file() else None
+    cfg = json.loads((folder / "open_clip_config.json").read_text())
+    data = [{**d, "sources_text": _counts(d["sources"])} for d in m["data"]]
+
+    def ci_text(v: dict, key: str) -> str:
+        ci = (v.get("auc_ci") or {}).get(key)
+        return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "n/a"
+
+    text = render("model_card_stage2.md.j2", name=folder.resolve().name, m={**m, "data": data}, c=m["config"],
+                  size=cfg["preprocess_cfg"]["size"], ci_text=ci_text, ev=ev, calibrations=_calibrations(folder),
+                  has_ood=(folder / "ood-stats.safetensors").is_file(),
+                  attn_targets=[t for t in m["lora_target_linears"] if ".attn." in t],
+                  command=_portable(m.get("command")), base_command=_portable(m.get("base_command")))
+    atomic_write_text(folder / "README.md", text)
+    return text

@@ -1,0 +1,232 @@
+"""Starter v2: towers whose attention carries weight, stage-2 pre-training (resumable, seeded),
+its training-data extras, and evaluation that cannot be fooled by the source."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+import vlm.models.towers  # noqa: F401 - registers the towers with timm
+from vlm.pretrain.dataset import Row
+from vlm.pretrain.extras import epoch_order, lowres_augment, sampling_weights, train_only_rows
+from vlm.within_source import source_probe, within_source
+
+from conftest import _radiograph
+
+
+def _lora_effect(model, target: str) -> float:
+    """Relative output change when a rank-4 LoRA with non-zero B is put on `target`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.eval()
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=[target]), model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        out = model(x)
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("name,size", [("convvit_tiny", 160), ("convvit_tiny", 128), ("edgenext_xx_small_attn2", 128)])
+def test_towers_build_by_name_at_any_size(name, size):
+    import timm
+
+    m = timm.create_model(name)
+    m.reset_classifier(0, global_pool="avg")
+    assert m(torch.randn(2, 3, size, size)).shape == (2, m.num_features)
+    assert any(n.endswith("attn.qkv") for n, _ in m.named_modules())
+
+
+def test_lora_on_new_attention_blocks_moves_output_unlike_edgenext_xca():
+    import timm
+
+    torch.manual_seed(0)
+    new = _lora_effect(timm.create_model("convvit_tiny", num_classes=0), "blocks.0.attn.qkv")
+    torch.manual_seed(0)
+    old = _lora_effect(timm.create_model("edgenext_xx_small", num_classes=0), "stages.3.blocks.1.xca.qkv")
+    assert new > 1e-2
+    assert old < 1e-3  # EdgeNeXt's layer-scale (1e-6 init) silences its attention branch
+
+
+def test_bundled_starter_lora_targets_carry_weight():
+    from vlm.models import load_model
+
+    visual = load_model("vlm-xray-starter").module.visual.trunk
+    assert type(visual).__name__ == "ConvBodyAttn"
+    torch.manual_seed(0)
+    assert _lora_effect(visual, "blocks.0.attn.qkv") > 1e-2
+
+
+def _write_csv(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "labels", "patient", "source"])
+        for i, (labels, patient) in enumerate(rows):
+            name = f"im{i}.png"
+            PILImage.fromarray(_radiograph(i, 64, blob=bool(labels))).save(folder / name)
+            w.writerow([name, labels, patient, "nih14"])
+    return folder
+
+
+def test_train_only_rows_drop_validation_patients(tmp_path):
+    low = _write_csv(tmp_path / "nih14-lowres", [("Mass", "7"), ("No Finding", "8")])
+    val = [Row(path="a.png", labels=("Mass",), label_set="chestxray14", group="nih14/7", source="nih14")]
+    sets = {}
+    rows, info = train_only_rows([(str(low), "chestxray14")], sets, val)
+    assert [r.group for r in rows] == ["nih14-lowres/8"]
+    assert info[0]["train_only"] and info[0]["dropped_validation_patients"] == 1 and info[0]["rows"] == 1
+    assert "chestxray14" in sets
+
+
+def _row(labels):
+    return Row(path="x", labels=tuple(labels), label_set="chestxray14", group="nih14/1", source="nih14")
+
+
+def test_balanced_sampling_favours_rare_label_combinations():
+    rows = [_row([]) for _ in range(100)] + [_row(["Hernia"])]
+    w = sampling_weights(rows, "balanced")
+    assert w[-1] == pytest.approx(10 * w[0])
+    assert sampling_weights(rows, "uniform") is None
+    with pytest.raises(ValueError):
+        sampling_weights(rows, "bogus")
+    order = epoch_order(len(rows), w, torch.Generator().manual_seed(0))
+    assert len(order) == len(rows) and int(order.max()) < len(rows)
+
+
+def test_lowres_augment_blurs_only_the_chosen_share():
+    x = torch.rand(4, 3, 128, 128)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(lowres_augment(x, 0.0, 64, g), x)
+    y = lowres_augment(x, 1.0, 32, g)
+    assert y.shape == x.shape
+    assert (y[..., 1:] - y[..., :-1]).abs().mean() < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()
+
+
+# ----------------------------------------------------------------------------- within source
+def _covid_case():
+    from vlm.labels import load_label_set
+
+    ls = load_label_set("chest4")
+    n = 12
+    targets = np.zeros((3 * n, len(ls.names)), dtype=np.int8)
+    j, k = ls.names.index("COVID19"), ls.names.index("NORMAL")
+    targets[:n, j] = 1
+    targets[n:, k] = 1
+    sources = ["covidqu"] * (2 * n) + ["kermany"] * n
+    probs = np.zeros(targets.shape)
+    probs[:n, j] = 0.5        # COVID: middling
+    probs[n:2 * n, j] = 0.0   # same-source normals: lower
+    probs[2 * n:, j] = 0.9    # other-source normals: higher (a source cue against COVID)
+    probs[:, k] = 1 - probs[:, j]
+    return ls, targets, probs, sources, [f"p{i}" for i in range(3 * n)]
+
+
+def test_within_source_uses_only_same_source_negatives():
+    ls, targets, probs, sources, groups = _covid_case()
+    r = within_source(targets, probs, ls, sources, groups, n_boot=200)
+    covid = r["labels"]["COVID19"]
+    assert covid["one_vs_rest"]["auc"] == pytest.approx(0.5)
+    assert [w["source"] for w in covid["within"]] == ["covidqu"]
+    assert covid["within"][0]["auc"] == 1.0 and covid["within"][0]["n_neg"] == 12
+    lo, hi = covid["within"][0]["ci95"]
+    assert lo <= 1.0 <= hi
+    assert r["labels"]["TUBERCULOSIS"]["one_vs_rest"] is None  # no positives at all
+
+
+def test_within_source_marks_single_source_labels_cross_source_only():
+    ls, targets, probs, sources, groups = _covid_case()
+    sources = ["covidqu"] * 12 + ["kermany"] * 24  # every COVID image from a source without normals
+    r = within_source(targets, probs, ls, sources, groups, n_boot=0)
+    assert r["labels"]["COVID19"]["cross_source_only"] and not r["labels"]["COVID19"]["within"]
+    excluded = within_source(targets, probs, ls, sources, groups, n_boot=0, exclude=["COVID19"])
+    assert excluded["macro"]["one-vs-rest"]["n_comparisons"] == r["macro"]["one-vs-rest"]["n_comparisons"] - 1
+
+
+def test_source_probe_finds_a_source_signal_and_not_noise():
+    rng = np.random.default_rng(0)
+    sources = np.array(["a"] * 40 + ["b"] * 40)
+    groups = [f"g{i}" for i in range(80)]
+    emb = rng.normal(size=(80, 8))
+    shifted = emb.copy()
+    shifted[40:, 0] += 4.0
+    assert source_probe(shifted, sources, groups)["accuracy"] > 0.95
+    assert source_probe(emb, sources, groups)["accuracy"] < 0.75
+    assert source_probe(emb, ["a"] * 80, groups) is None
+
+
+# ----------------------------------------------------------------------------- stage 2
+def test_stage2_keeps_the_base_body_and_starts_fresh_blocks():
+    from safetensors.torch import load_file
+
+    from vlm.models import bundled_dir
+    from vlm.pretrain.stage2 import build_from_base
+
+    base = bundled_dir() / "vlm-xray-starter"
+    model, cfg, _ = build_from_base(base)
+    sd = load_file(str(base / "open_clip_model.safetensors"))
+    assert cfg["vision_cfg"]["timm_model_name"] == "edgenext_xx_small_attn2"
+    state = model.state_dict()
+    body = [k for k in sd if k.startswith("visual.trunk.body.")]
+    assert body and all(torch.equal(state[k].half(), sd[k]) for k in body)
+    assert not torch.equal(state["visual.trunk.blocks.0.attn.qkv.weight"].half(), sd["visual.trunk.blocks.0.attn.qkv.weight"])
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    rows = [("Mass" if i % 3 == 0 else "No Finding", str(i)) for i in range(28)]
+    return _write_csv(tmp_path / "nih14", rows)
+
+
+def test_stage2_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
+    """An interrupted run continued with --resume ends with the weights of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from vlm.pretrain import stage2 as s2
+
+    def config(out, resume=False):
+        return s2.Stage2Config(base="vlm-xray-starter", data=[str(tiny_data)], out_dir=str(out), views=2, epochs=3,
+                               batch_size=8, val_fraction=0.3, resume=resume, cache_dir=str(tmp_path / "cache"))
+
+    full = s2.stage2(config(tmp_path / "full"))
+    assert full["best_epoch"] in (1, 2, 3) and set(full["val"]) == {"chestxray14"}
+    assert not (tmp_path / "full" / s2.STATE_FILE).exists()  # removed once finished
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "NOT a diagnostic device" in card and "edgenext_xx_small_attn2" in card
+
+    real_epoch, calls = s2.train_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(s2, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s2.stage2(config(tmp_path / "part"))
+    assert (tmp_path / "part" / s2.STATE_FILE).is_file()
+    monkeypatch.setattr(s2, "train_epoch", real_epoch)
+    resumed = s2.stage2(config(tmp_path / "part", resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    a = load_file(str(tmp_path / "full" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "open_clip_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different configuration"):
+        monkeypatch.setattr(s2, "train_epoch", interrupted)
+        calls.clear()
+        try:
+            s2.stage2(config(tmp_path / "other"))
+        except KeyboardInterrupt:
+            pass
+        changed = config(tmp_path / "other", resume=True)
+        changed.lr = 5e-3
+        s2.stage2(changed)
