@@ -325,3 +325,43 @@ def test_linear_probe_at_init_is_zero_shot(base):
         lp = LinearProbeHead(w0, torch.zeros(w0.shape[1:]), torch.zeros(w0.shape[1]), ls.multilabel, clf.styles)
         emb = torch.nn.functional.normalize(torch.randn(6, w0.shape[-1]), dim=-1)
         assert torch.allclose(lp(emb), clf.probabilities(emb), atol=1e-6)
+
+
+def test_wise_ft_interpolates_lora_update_and_head_linearly():
+    from vlm.adapt.lora import interpolate_state
+
+    zero = ({"m.lora_A.w": torch.ones(2, 3), "m.lora_B.w": torch.zeros(3, 2), "gamma": torch.zeros(3)}, torch.zeros(4))
+    trained = ({"m.lora_A.w": torch.full((2, 3), 2.0), "m.lora_B.w": torch.ones(3, 2), "gamma": torch.ones(3)},
+               torch.ones(4))
+    half, head = interpolate_state(zero, trained, 0.5)
+    delta = half["m.lora_B.w"] @ half["m.lora_A.w"]
+    assert torch.allclose(delta, 0.5 * trained[0]["m.lora_B.w"] @ trained[0]["m.lora_A.w"])  # update scaled, not squared
+    assert torch.allclose(half["gamma"], torch.full((3,), 0.5)) and torch.allclose(head, torch.full((4,), 0.5))
+    full, _ = interpolate_state(zero, trained, 1.0)
+    assert all(torch.equal(full[k], trained[0][k]) for k in full)
+
+
+def test_adaptation_that_does_not_help_on_validation_keeps_zero_shot(base, synth_csv, tmp_path):
+    """Validation labels that contradict the shots: whatever training learns, the kept adapter is zero-shot."""
+    import csv
+
+    ls = load_label_set("chest4")
+    data = load_labelled_csv(synth_csv, ls)
+    rows = list(csv.DictReader(open(synth_csv)))
+    flipped = tmp_path / "synth" / "val.csv"
+    with open(flipped, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["filename", "labels", "patient"])
+        w.writeheader()
+        for r in rows:  # same images, other patients' ids, labels rotated by one class
+            w.writerow({"filename": r["filename"], "labels": CLASSES[(CLASSES.index(r["labels"]) + 1) % 4],
+                        "patient": "v" + r["patient"]})
+    val = load_labelled_csv(flipped, ls)
+    ad = finetune(base, ls, data, shots=3, seed=1, val=val, progress=False,
+                  settings=LoraSettings(epochs=4, batch_size=8, lr=1e-2, head_lr=5e-2, augment=False))
+    wise = ad.info["wise_ft"]
+    assert wise["alpha"] == 0.0 and ad.info["best_epoch"] == 0
+    zs = Scorer(base, ls, variants="original")
+    imgs = [str(p) for p in sorted((tmp_path / "synth").glob("*.png"))[:4]]
+    kept = Scorer(ad.backbone, ls, variants="original", head=ad.head)
+    for a, b in zip(zs.score(imgs), kept.score(imgs)):
+        assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-6)

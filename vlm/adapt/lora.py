@@ -269,6 +269,11 @@ class LoraSettings:
     # also train the layer-scale gammas gating the targeted attention branches: "auto" = when a
     # LoRA update of the targets barely moves the output (median relative effect < 1e-4)
     layer_scale: str = "auto"
+    # CLAP-style anchor: penalty anchor * ||W - W_zero_shot||^2 / ||W_zero_shot||^2 on the head weights
+    anchor: float = 0.0
+    # WiSE-FT: the kept adapter is zero-shot + a * (trained - zero-shot), a chosen on the validation
+    # images from these (a = 0 is zero-shot, which the never-worse guard falls back to)
+    wise_alphas: tuple = (0.25, 0.5, 0.75, 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -502,18 +507,6 @@ def _optimiser(module: nn.Module, head: PromptHead, scales, train_head: bool, st
     return opt, sched, total_steps, steps_per_epoch
 
 
-def _confident(val_t, val_probs: dict, best_epoch: int, best_auc: float, zero_shot_auc: float, label_set,
-               seed: int) -> bool:
-    """Whether the best epoch's validation gain over zero-shot (epoch 0) is large and survives resampling."""
-    gain, lower = confident_gain(val_t, val_probs[best_epoch], val_probs[0], label_set, seed=seed)
-    if gain >= MIN_GAIN and lower > 0:
-        return True
-    logger.info(f"best epoch {best_epoch} (val macro AUC {best_auc:.4f}) does not reliably beat zero-shot "
-        f"({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile {lower:+.4f}): keeping the untrained "
-        f"(zero-shot) adapter")
-    return False
-
-
 def _adapted_backbone(backbone: Backbone, module: nn.Module, head: PromptHead, config, scales, st: LoraSettings,
                       label_set: LabelSet, styles: list[str]):
     """(the backbone with the trained LoRA state applied to a fresh copy, layer-scale state); head frozen."""
@@ -588,6 +581,7 @@ def train_lora(
     best_auc = zero_shot_auc = evaluate()
     best_epoch, best_state = 0, snapshot()
     zero_shot_state = best_state
+    w_zero = zero_shot_state[1]
     if best_auc is not None:
         history.append({"epoch": 0, "step": 0, "loss": None, "val_macro_auc": best_auc})
         logger.info(f"epoch 0 (zero-shot): val macro AUC {best_auc:.4f}")
@@ -611,6 +605,8 @@ def train_lora(
             x = _tensors(backbone, imgs).to(backbone.device)
             emb = F.normalize(module.encode_image(x).float(), dim=-1)
             loss = head_loss(head, emb, y_train[idx].to(emb.device), current_weight())
+            if st.anchor and train_head:
+                loss = loss + st.anchor * (head.weight - w_zero).pow(2).sum() / w_zero.pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -636,18 +632,62 @@ def train_lora(
                     break
     if bar is not None:
         bar.close()
-    if val_x is not None and best_epoch > 0 and not _confident(val_t, val_probs, best_epoch, best_auc, zero_shot_auc,
-                                                               label_set, st.seed):
-        best_auc, best_epoch, best_state = zero_shot_auc, 0, zero_shot_state
+    wise = None
     if val_x is not None:
-        lora_state, head_w = best_state
-        module.load_state_dict(lora_state, strict=False)
-        with torch.no_grad():
-            head.weight.copy_(head_w)
-        logger.info(f"kept epoch {best_epoch} (val macro AUC {best_auc:.4f})")
+        choice = _keep_or_fall_back(module, head, (val_x, val_t, val_probs[0]), label_set, st, zero_shot_state,
+                                    best_state, best_epoch, best_auc, zero_shot_auc, current_weight)
+        best_epoch, best_auc, wise = choice
     else:
         best_epoch = epoch
     adapted, extra_state = _adapted_backbone(backbone, module, head, config, scales, st, label_set, styles)
     info = _lora_info(det, scales, st, trainable, breakdown, total, train_head, n, step, epoch, best_epoch,
                       best_auc, history, t0)
+    info["wise_ft"] = wise
     return LoraResult(adapted, head, config, info, extra_state)
+
+
+def interpolate_state(zero: tuple, trained: tuple, alpha: float) -> tuple[dict, torch.Tensor]:
+    """WiSE-FT between the zero-shot and the trained (LoRA state, head weight): the LoRA update
+    B @ A becomes alpha * B @ A (B starts at 0), layer-scale gammas and the head move linearly."""
+    z_state, z_head = zero
+    t_state, t_head = trained
+    state = {k: (v if "lora_A" in k else alpha * v if "lora_B" in k else z_state[k] + alpha * (v - z_state[k]))
+             for k, v in t_state.items()}
+    return state, z_head + alpha * (t_head - z_head)
+
+
+def _keep_or_fall_back(module, head, val, label_set, st: LoraSettings, zero_state, best_state, best_epoch: int,
+                       best_auc: float, zero_shot_auc: float, current_weight) -> tuple[int, float, dict]:
+    """Load the kept adapter into module/head: the best epoch interpolated toward zero-shot by the
+    WiSE-FT amount that scores best on the validation images (ties: the smaller amount), or
+    zero-shot itself unless that clearly beats it (gain >= MIN_GAIN, bootstrap 10 % quantile > 0)."""
+    val_x, val_t, zs_probs = val
+
+    def load(state) -> np.ndarray:
+        module.load_state_dict(state[0], strict=False)
+        with torch.no_grad():
+            head.weight.copy_(state[1])
+            _set_lora_train(module, False)
+            return head.probabilities_from(encode_tensors(module, val_x), current_weight()).mean(1).cpu().numpy()
+
+    scores = {}
+    if best_epoch > 0:
+        for a in sorted(st.wise_alphas):
+            probs = load(interpolate_state(zero_state, best_state, a))
+            scores[a] = (auc_metrics(val_t, probs, label_set)["macro_auc"], probs)
+    alpha = max(scores, key=lambda a: (round(scores[a][0], 6), -a)) if scores else 0.0
+    if scores:
+        gain, lower = confident_gain(val_t, scores[alpha][1], zs_probs, label_set, seed=st.seed)
+        if not (gain >= MIN_GAIN and lower > 0):
+            logger.info(f"epoch {best_epoch} at WiSE-FT a={alpha} (val macro AUC {scores[alpha][0]:.4f}) does not "
+                        f"reliably beat zero-shot ({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile "
+                        f"{lower:+.4f}): keeping the zero-shot adapter")
+            alpha = 0.0
+    final = interpolate_state(zero_state, best_state, alpha) if alpha else zero_state
+    load(final)
+    kept_auc = scores[alpha][0] if alpha else zero_shot_auc
+    kept_epoch = best_epoch if alpha else 0
+    logger.info(f"validation macro AUC: zero-shot {zero_shot_auc:.4f}, adapted {kept_auc:.4f} "
+                f"(epoch {kept_epoch}, WiSE-FT a={alpha})")
+    return kept_epoch, kept_auc, {"alpha": alpha, "best_epoch": best_epoch, "zero_shot_val_macro_auc": zero_shot_auc,
+                                  "val_macro_auc_by_alpha": {str(a): s[0] for a, s in scores.items()}}

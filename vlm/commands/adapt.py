@@ -47,6 +47,9 @@ def lora_options(fn):
                      help="LoRA: also train the layer-scale gammas gating the targeted attention branches (auto: when "
                           "a LoRA update of the targets barely moves the output, e.g. EdgeNeXt's gamma_xca)."),
         click.option("--train-batch-size", default=16, show_default=True, type=click.IntRange(1), help="LoRA: images per optimiser step."),
+        click.option("--anchor", default=0.0, show_default=True, type=click.FloatRange(0),
+                     help="LoRA: penalty weight keeping the head near the zero-shot prompt embeddings (CLAP-style; "
+                          "relative squared distance). 0 = off."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -54,12 +57,12 @@ def lora_options(fn):
 
 
 def _settings(epochs, lr, head_lr, rank, lora_alpha, dropout, lora_text, no_augment, patience, layer_scale,
-              train_batch_size, seed=0, max_steps=None):
+              train_batch_size, anchor=0.0, seed=0, max_steps=None):
     from ..adapt.lora import LoraSettings
 
     return LoraSettings(rank=rank, alpha=lora_alpha, dropout=dropout, lr=lr, head_lr=head_lr, epochs=epochs,
                         batch_size=train_batch_size, lora_text=lora_text, augment=not no_augment, patience=patience,
-                        seed=seed, max_steps=max_steps, layer_scale=layer_scale)
+                        seed=seed, max_steps=max_steps, layer_scale=layer_scale, anchor=anchor)
 
 
 @click.command("finetune")
