@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = ("lora", "linear-probe", "tip-adapter")
+# head-only: the LoRA path with LoRA frozen at its no-op init (lr 0) - the same head on the same shots,
+# so `lora` vs `head-only` measures what the attention update adds
+METHODS = ("lora", "head-only", "linear-probe", "tip-adapter")
+LORA_METHODS = {"lora": {}, "head-only": {"lr": 0.0, "layer_scale": "off"}}
 
 _LAZY = {
     "load_adapter": "io", "save_adapter": "io", "read_adapter_meta": "io",

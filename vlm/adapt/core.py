@@ -17,7 +17,7 @@ from .io import check_adapter_target, load_adapter, read_adapter_meta, save_adap
 from .lora import LoraSettings, LoraTargetError, detect_targets, find_candidates, train_lora, verify_targets
 from ..metrics import auc_metrics
 
-from . import METHODS
+from . import LORA_METHODS, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def finetune(
         f"({'all rows' if shots is None else f'{shots} shots per class'}, seed {seed}): "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     t0 = time.time()
-    if method == "lora":
-        st = dataclasses.replace(settings or LoraSettings(), seed=seed)
+    if method in LORA_METHODS:
+        st = dataclasses.replace(settings or LoraSettings(), seed=seed, **LORA_METHODS[method])
         if val is not None:
             val = exclude_groups(val, train)
         res = train_lora(backbone, label_set, train, val, st, styles, progress=progress)
@@ -144,10 +144,10 @@ def finetune(
         training = {"data": str(data.csv_path), "shots": "all" if shots is None else shots, "seed": seed,
                     "device": str(backbone.device), "n_val_images": len(val) if val is not None else None,
                     "seconds": round(time.time() - t0, 1), **(training_meta or {})}
-        if method == "lora":
+        if method in LORA_METHODS:
             training["settings"] = adapted.info["settings"]
         save_adapter(out_dir, backbone, label_set, adapted.head, adapted.info,
-                     lora_module=adapted.backbone.module if method == "lora" else None,
+                     lora_module=adapted.backbone.module if method in LORA_METHODS else None,
                      lora_config=adapted.lora_config, extra_state=getattr(adapted, "extra_state", None),
                      training=training, metrics=adapted.metrics)
         adapted.out_dir = Path(out_dir)

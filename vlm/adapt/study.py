@@ -34,6 +34,7 @@ from ..models import Backbone
 from ..prompt_classifier import text_classifier
 from ..scoring import ImageEmbeddingCache
 from ..transforms import variant_tensors
+from . import LORA_METHODS, METHODS
 from .core import exclude_groups
 from .heads import PromptHead
 from .lora import LoraSettings, encode_tensors, train_lora
@@ -91,7 +92,7 @@ def run_study(
     eval_data: LabelledData | None = None,
     *,
     shots=(1, 4, 16),
-    methods=("lora", "linear-probe", "tip-adapter"),
+    methods=METHODS,
     seeds: int = 3,
     out_dir: str | Path = "fewshot-study",
     eval_fraction: float = 0.3,
@@ -124,8 +125,13 @@ def run_study(
     logger.info(f"encoded {n_ev} held-out images x {v} variant(s) in {time.time() - t0:.1f} s")
 
     rows = []
-    zs = auc_metrics(ev_t, _probs(zs_head, base_emb), label_set)
-    rows.append({"method": "zero-shot", "shots": 0, "seed": "", **_row(zs), "seconds": 0.0, "n_train": 0})
+    ev_sources = [held.column("source")[i] for i in ev_keep]
+
+    def metrics_of(probs) -> dict:
+        return _row(auc_metrics(ev_t, probs, label_set)) | _within_row(ev_t, probs, label_set, ev_sources)
+
+    zs = metrics_of(_probs(zs_head, base_emb))
+    rows.append({"method": "zero-shot", "shots": 0, "seed": "", **zs, "seconds": 0.0, "n_train": 0})
     logger.info(f"zero-shot: macro AUC {zs['macro_auc']:.4f}")
     for k in shots:
         for seed in range(seeds):
@@ -136,10 +142,11 @@ def run_study(
             for method in methods:
                 t1 = time.time()
                 with _quiet_runs():
-                    m, extra = _run_method(method, backbone, label_set, train, val, settings, seed, styles, cache,
-                                           feats, ev_x, ev_t, base_emb, progress)
+                    probs, extra = _run_method(method, backbone, label_set, train, val, settings, seed, styles,
+                                               cache, feats, ev_x, ev_t, base_emb, progress)
+                m = metrics_of(probs)
                 secs = time.time() - t1
-                rows.append({"method": method, "shots": k, "seed": seed, **_row(m), "seconds": round(secs, 1),
+                rows.append({"method": method, "shots": k, "seed": seed, **m, "seconds": round(secs, 1),
                              "n_train": len(train), "n_val": len(val), **{f"hp_{a}": b for a, b in extra.items()}})
                 logger.info(f"{method:<12} K={k:<3} seed {seed}: macro AUC {m['macro_auc']:.4f} "
                     f"({m['macro_auc'] - zs['macro_auc']:+.4f} vs zero-shot), {secs:.1f} s "
@@ -169,23 +176,23 @@ def _holdout(backbone, data: LabelledData, eval_data, eval_fraction: float, hold
 
 def _run_method(method, backbone, label_set, train, val, settings, seed, styles, cache, feats: dict, ev_x, ev_t,
                 base_emb, progress) -> tuple[dict, dict]:
-    """Train one method on (train, val) and score the held-out images: (metrics, hyper-parameters)."""
+    """Train one method on (train, val) and score the held-out images: (probabilities, hyper-parameters)."""
     from .baselines import frozen_features, train_linear_probe, train_tip_adapter
 
     n_ev, v = ev_x.shape[:2]
-    if method == "lora":
-        res = train_lora(backbone, label_set, train, val, LoraSettings(**{**settings.to_dict(), "seed": seed}),
-                         styles, progress=progress)
+    if method in LORA_METHODS:
+        st = LoraSettings(**{**settings.to_dict(), "seed": seed, **LORA_METHODS[method]})
+        res = train_lora(backbone, label_set, train, val, st, styles, progress=progress)
         emb = encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
-        return (auc_metrics(ev_t, _probs(res.head, emb), label_set),
-                {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"]})
+        return (_probs(res.head, emb),
+                {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"],
+                 "wise_alpha": (res.info.get("wise_ft") or {}).get("alpha")})
     if not feats:
         feats.update(train=frozen_features(backbone, train, cache), val=frozen_features(backbone, val, cache))
     fn = train_linear_probe if method == "linear-probe" else train_tip_adapter
     head, info = fn(backbone, label_set, train, styles, seed, cache, features=feats["train"],
                     val_features=feats["val"])
-    m = auc_metrics(ev_t, _probs(head.to(backbone.device), base_emb), label_set)
-    return m, {k: info[k] for k in ("lambda", "alpha", "beta") if k in info}
+    return _probs(head.to(backbone.device), base_emb), {k: info[k] for k in ("lambda", "alpha", "beta") if k in info}
 
 
 def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[LabelledData, LabelledData, str]:
@@ -210,9 +217,22 @@ def _row(m: dict) -> dict:
     return {"macro_auc": m["macro_auc"], **{f"auc:{k}": v for k, v in m["per_label"].items()}}
 
 
+def _within_row(targets, probs, label_set, sources) -> dict:
+    """Within-source macro AUC and per (label, source) AUCs, where the held-out rows name sources."""
+    from ..within_source import within_source
+
+    if not any(sources):
+        return {}
+    r = within_source(targets, probs, label_set, sources, n_boot=0)
+    out = {"within_macro_auc": (r["macro"].get("within") or {}).get("auc")}
+    for name, e in r["labels"].items():
+        out.update({f"within:{name}@{w['source']}": w["auc"] for w in e["within"]})
+    return out
+
+
 def summarise(rows: list[dict], label_set: LabelSet) -> list[dict]:
     """Mean and sd over seeds per (method, shots); zero-shot is repeated as every method's 0 point."""
-    cols = [c for c in rows[0] if c == "macro_auc" or c.startswith("auc:")]
+    cols = [c for c in rows[0] if c in ("macro_auc", "within_macro_auc") or c.startswith(("auc:", "within:"))]
     out = []
     keys = list(dict.fromkeys((r["method"], r["shots"]) for r in rows))
     for method, k in keys:
@@ -234,12 +254,16 @@ def _fmt(x, sd=None) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    labels = [c[4:] for c in summary[0] if c.startswith("auc:") and not c.endswith(":sd")]
-    head = "| method | shots | runs | macro AUC | " + " | ".join(labels) + " | s/run |"
-    lines = [head, "|" + "---|" * (5 + len(labels))]
+    cols = [c for c in summary[0] if c.startswith(("auc:", "within:")) and not c.endswith(":sd")]
+    within = "within_macro_auc" in summary[0]
+    names = [c[4:] if c.startswith("auc:") else c[7:] + " (within)" for c in cols]
+    head = ("| method | shots | runs | macro AUC | " + ("within-source macro AUC | " if within else "")
+            + " | ".join(names) + " | s/run |")
+    lines = [head, "|" + "---|" * (5 + within + len(cols))]
     for e in summary:
         cells = [e["method"], str(e["shots"]), str(e["runs"]), _fmt(e["macro_auc"], e["macro_auc:sd"])]
-        cells += [_fmt(e[f"auc:{lab}"]) for lab in labels]
+        cells += [_fmt(e["within_macro_auc"], e["within_macro_auc:sd"])] if within else []
+        cells += [_fmt(e[c]) for c in cols]
         cells.append(f"{e['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
