@@ -299,6 +299,31 @@ def test_fewshot_study_writes_table_and_plot(base, synth_csv, tmp_path):
     assert "| zero-shot | 0 |" in (tmp_path / "study" / "summary.md").read_text()
 
 
+def test_fewshot_study_scores_within_source_and_head_only(base, tmp_path):
+    """With a source column, the study adds within-source AUCs; head-only runs the LoRA path frozen."""
+    from vlm.adapt.study import run_study
+
+    d = tmp_path / "sourced"
+    d.mkdir()
+    rows = ["filename,labels,patient,source"]
+    for k, name in enumerate(CLASSES):
+        for i in range(16):
+            f = f"{name.lower()}_{i}.png"
+            PILImage.fromarray(_class_image(k, 100 * k + i)).save(d / f)
+            src = "kermany" if name == "PNEUMONIA" or (name == "NORMAL" and i % 2) else "covidqu"
+            rows.append(f"{f},{name},p{k}_{i},{src}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    ls = load_label_set("chest4")
+    data = load_labelled_csv(d / "labels.csv", ls)
+    res = run_study(base, ls, data, None, shots=[1], methods=["lora", "head-only"], seeds=1,
+                    out_dir=tmp_path / "study", eval_fraction=0.6, val_shots=1,
+                    settings=LoraSettings(epochs=1, batch_size=8))
+    zs = res["rows"][0]
+    assert zs["within_macro_auc"] is not None and any(k.startswith("within:COVID19@covidqu") for k in zs)
+    assert [r["method"] for r in res["rows"]] == ["zero-shot", "lora", "head-only"]
+    assert "within-source macro AUC" in (tmp_path / "study" / "summary.md").read_text()
+
+
 def test_lora_text_tower_round_trips(base, synth_csv, tmp_path, image_dir):
     ls = load_label_set("chest4")
     data = load_labelled_csv(synth_csv, ls)
