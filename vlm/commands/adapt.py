@@ -138,7 +138,7 @@ def finetune_cmd(data_csv, label_set, model, method, shots, out_dir, val_data, v
 @model_option
 @click.option("--shots", "shots", multiple=True, metavar="K", help="Shot counts, e.g. --shots 1 4 16 (or 1,4,16).")
 @click.argument("more_shots", nargs=-1, type=int)
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS), help="Repeatable; default: all three.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS), help="Repeatable; default: all of them.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(1), help="Repeats (shot samples) per point.")
 @click.option("--out", "out_dir", required=True, type=click.Path(), metavar="DIR")
 @click.option("--eval-fraction", default=0.3, show_default=True, type=click.FloatRange(0.05, 0.9),
