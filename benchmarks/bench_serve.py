@@ -15,6 +15,7 @@ Writes benchmarks/serve.md and benchmarks/serve.json. Loopback only; nothing lea
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import json
 import os
@@ -48,6 +49,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def good_images(n: int = 24) -> list[tuple[str, bytes]]:
@@ -108,17 +115,55 @@ class Server:
         self.proc.wait(20)
 
 
-def post(client: httpx.Client, url: str, name: str, data: bytes, fields: dict) -> tuple[int, float, bool]:
+def multipart(name: str, data: bytes, fields: dict) -> tuple[bytes, str]:
+    """The request body and its Content-Type, built once per distinct request of the plan."""
+    boundary = "vlmbench" + "0" * 16
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class LightClient:
+    """One keep-alive HTTP/1.1 connection (http.client) posting pre-built bodies: the load generator
+    shares the server's two cores, so it should spend as little CPU per request as it can."""
+
+    def __init__(self, url: str):
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.conn: http.client.HTTPConnection | None = None
+        self._bodies: dict[tuple, tuple[bytes, str]] = {}
+
+    def post(self, name: str, data: bytes, fields: dict) -> tuple[int, bytes]:
+        key = (name, id(data), tuple(sorted(fields.items())))
+        if key not in self._bodies:
+            self._bodies[key] = multipart(name, data, fields)
+        body, ctype = self._bodies[key]
+        for attempt in (0, 1):  # one reconnect: the server may close an idle keep-alive connection
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, int(self.port), timeout=300)
+            try:
+                self.conn.request("POST", "/v1/predict", body, {"Content-Type": ctype})
+                resp = self.conn.getresponse()
+                return resp.status, resp.read()
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def post(client: LightClient, name: str, data: bytes, fields: dict) -> tuple[int, float, bool]:
     t = time.perf_counter()
-    r = client.post(url + "/v1/predict", files={"file": (name, data, "application/octet-stream")}, data=fields,
-                    timeout=300)
+    status, raw = client.post(name, data, fields)
     dt = time.perf_counter() - t
     try:
-        body = r.json()
-        ok = ("findings" in body) if r.status_code == 200 else (set(body) == {"error", "detail"})
+        body = json.loads(raw)
+        ok = ("findings" in body) if status == 200 else (set(body) == {"error", "detail"})
     except ValueError:
         ok = False
-    return r.status_code, dt, ok
+    return status, dt, ok
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -133,10 +178,10 @@ def make_plan(n: int, malformed: float, seed: int = 0) -> list[tuple[bool, tuple
 
 def single_latency(server: Server) -> float:
     goods = good_images()
-    with httpx.Client() as c:  # idle server: one request at a time
-        for name, data in goods[:2]:
-            post(c, server.url, name, data, {})
-        return statistics.median(post(c, server.url, *goods[i % len(goods)], {})[1] for i in range(8))
+    c = LightClient(server.url)  # idle server: one request at a time
+    for name, data in goods[:2]:
+        post(c, name, data, {})
+    return statistics.median(post(c, *goods[i % len(goods)], {})[1] for i in range(8))
 
 
 def send(server: Server, plan: list, clients: int) -> tuple[list, float]:
@@ -148,9 +193,9 @@ def send(server: Server, plan: list, clients: int) -> tuple[list, float]:
     def one(item):
         good, spec = item
         if not hasattr(local, "client"):
-            local.client = httpx.Client()
+            local.client = LightClient(server.url)
         fields = spec[2] if not good else {}
-        status, dt, ok = post(local.client, server.url, spec[0], spec[1], fields)
+        status, dt, ok = post(local.client, spec[0], spec[1], fields)
         with lock:
             results.append((good, status, dt, ok))
 
@@ -161,7 +206,7 @@ def send(server: Server, plan: list, clients: int) -> tuple[list, float]:
 
 
 def summarise(server: Server, plan: list, results: list, wall: float, clients: int, single: float,
-              rss: tuple[float, float]) -> dict:
+              rss: tuple[float, float, float], cpu: dict) -> dict:
     stats = httpx.get(server.url + "/readyz").json()["batches"]
     good_lat = [dt for good, st, dt, ok in results if good and st == 200]
     statuses: dict[str, int] = {}
@@ -174,8 +219,9 @@ def summarise(server: Server, plan: list, results: list, wall: float, clients: i
         "p50_s": round(pct(good_lat, 50), 3), "p95_s": round(pct(good_lat, 95), 3), "p99_s": round(pct(good_lat, 99), 3),
         "statuses": dict(sorted(statuses.items())), "server_errors_5xx": sum(v for k, v in statuses.items() if k >= "500"),
         "well_formed_json": all(ok for *_, ok in results),
-        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(server.samples or [rss[0]]), 1),
-                   "end": round(rss[1], 1)},
+        "rss_mb": {"ready": round(rss[0], 1), "start": round(rss[1], 1),
+                   "peak": round(max(server.samples or [rss[1]]), 1), "end": round(rss[2], 1)},
+        "cpu_ms_per_request": {k: round(1000 * v / len(plan), 2) for k, v in cpu.items()},
         "batches": stats,
     }
 
@@ -185,18 +231,24 @@ def compare_modes(servers: dict[str, Server], n: int, clients: int, malformed: f
     rounds, unbatched first in odd ones), so drifting load from other jobs hits both modes alike."""
     plan = make_plan(n, malformed)
     chunks = [plan[r::rounds] for r in range(rounds)]
+    rss_ready = {m: rss_mb(s.proc.pid) for m, s in servers.items()}
     single = {m: single_latency(s) for m, s in servers.items()}
     acc = {m: ([], 0.0) for m in servers}
+    cpu = {m: {"server": 0.0, "load_generator": 0.0} for m in servers}
     rss_start = {m: rss_mb(s.proc.pid) for m, s in servers.items()}
     samplers = [s.sample_memory() for s in servers.values()]
     for r, chunk in enumerate(chunks):
         for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            server_cpu, own_cpu = cpu_s(servers[mode].proc.pid), time.process_time()
             res, wall = send(servers[mode], chunk, clients)
+            cpu[mode]["server"] += cpu_s(servers[mode].proc.pid) - server_cpu
+            cpu[mode]["load_generator"] += time.process_time() - own_cpu
             acc[mode] = (acc[mode][0] + res, acc[mode][1] + wall)
     for s, t in zip(servers.values(), samplers):
         s.stop_sampling()
         t.join()
-    return {m: summarise(s, plan, acc[m][0], acc[m][1], clients, single[m], (rss_start[m], rss_mb(s.proc.pid)))
+    return {m: summarise(s, plan, acc[m][0], acc[m][1], clients, single[m],
+                         (rss_ready[m], rss_start[m], rss_mb(s.proc.pid)), cpu[m])
             for m, s in servers.items()}
 
 
@@ -216,8 +268,7 @@ def healthz_under_heatmaps(server: Server, n_heatmap: int = 16, clients: int = 4
     goods = good_images()
 
     def heat(i):
-        with httpx.Client() as c:
-            return post(c, server.url, *goods[i % len(goods)], {"heatmaps": "true"})
+        return post(LightClient(server.url), *goods[i % len(goods)], {"heatmaps": "true"})
 
     # the pinger is its own process, so this process decoding megabyte heatmap bodies cannot delay its timing
     pinger = subprocess.Popen([sys.executable, "-c", PINGER, server.url], stdin=subprocess.PIPE,
@@ -250,8 +301,13 @@ def write_markdown(out: dict, path: Path) -> None:
              "| | micro-batched (--max-batch 8) | unbatched (--max-batch 1) |", "|---|---|---|"]
     lines += [f"| {label} | {b[k]} | {u[k]} |" for label, k in rows]
     lines += [f"| statuses | {b['statuses']} | {u['statuses']} |",
-              f"| server RSS start / peak / end (MB) | {b['rss_mb']['start']} / {b['rss_mb']['peak']} / {b['rss_mb']['end']} "
-              f"| {u['rss_mb']['start']} / {u['rss_mb']['peak']} / {u['rss_mb']['end']} |",
+              "| server RSS ready / run start / peak / end (MB) | " + " | ".join(
+                  " / ".join(str(m["rss_mb"][k]) for k in ("ready", "start", "peak", "end")) for m in (b, u)) + " |",
+              "| server RSS peak - run start (MB) | " + " | ".join(
+                  str(round(m["rss_mb"]["peak"] - m["rss_mb"]["start"], 1)) for m in (b, u)) + " |",
+              "| CPU ms per request: server / load generator | " + " | ".join(
+                  f"{m['cpu_ms_per_request']['server']} / {m['cpu_ms_per_request']['load_generator']}" for m in (b, u))
+              + " |",
               f"| mean images per encoder call | {b['batches'].get('mean_batch')} | {u['batches'].get('mean_batch')} |",
               "", f"Micro-batched / unbatched throughput: **{out['batching_speedup']}x**. "
               f"p95 / single-request latency (batched): **{out['p95_over_single']}x**.", "",
@@ -259,7 +315,8 @@ def write_markdown(out: dict, path: Path) -> None:
               f"({h['healthz_pings']} pings): p50 {h['healthz_p50_ms']} ms, p99 **{h['healthz_p99_ms']} ms**, "
               f"max {h['healthz_max_ms']} ms; heatmap request p50 {h['heatmap_p50_s']} s, statuses "
               f"{h['heatmap_statuses']}.", "",
-              f"Load average of the shared machine when the run ended: {out.get('load_average', 'n/a')} (2 cores). "
+              f"Load average (1 / 5 / 15 min) of the shared machine at the start: {out['load_average_at_start']}, "
+              f"at the end: {out['load_average_at_end']} (2 cores). "
               "Absolute numbers move with other jobs; the two modes share every round of load, so their ratio is "
               "the comparable number."]
     path.write_text("\n".join(lines) + "\n")
@@ -276,13 +333,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "serve"))
     args = ap.parse_args()
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} CPU cores",
-           "model": args.model or "vlm-xray-starter (bundled)",
            "images": f"{len(good_images())} files from " + ("../shared/data/nih14" if SHARED.is_dir() else "examples/"),
            "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
+    out["load_average_at_start"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     servers = {"batched": Server(8, args.model), "unbatched": Server(1, args.model)}
     try:
         for server in servers.values():
             server.wait_ready()
+        out["model"] = httpx.get(servers["batched"].url + "/readyz").json()["model"]
         out.update(compare_modes(servers, args.requests, args.clients, args.malformed, args.rounds))
         servers["unbatched"].close()
         out["healthz_under_heatmaps"] = healthz_under_heatmaps(servers["batched"], args.heatmap_requests)
@@ -292,7 +350,7 @@ def main() -> None:
                 server.close()
     for mode in servers:
         print(mode, json.dumps(out[mode]), flush=True)
-    out["load_average"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    out["load_average_at_end"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     out["batching_speedup"] = round(out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2)
     out["p95_over_single"] = round(out["batched"]["p95_s"] / out["batched"]["single_request_s"], 2)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")

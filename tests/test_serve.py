@@ -263,6 +263,75 @@ def test_batcher_refuses_beyond_its_queue_and_never_hangs():
     batcher.close()
 
 
+def _recording_batcher(max_wait_s: float, max_batch: int = 8):
+    from vlm.serve.batcher import MicroBatcher
+
+    sizes: list[int] = []
+
+    def encode(payloads):
+        sizes.append(len(payloads))
+        return [p * 10 for p in payloads]
+
+    return MicroBatcher(encode, max_batch=max_batch, max_wait_s=max_wait_s, max_queue=8), sizes
+
+
+def test_lone_request_is_not_held_for_max_wait():
+    import asyncio
+    import time
+
+    batcher, sizes = _recording_batcher(max_wait_s=3.0)  # a fixed wait would hold it 3 s
+
+    async def one():
+        with batcher.arriving() as arrival:
+            return await batcher.submit_encode(4, arrival)
+
+    t0 = time.perf_counter()
+    assert asyncio.run(one()) == 40
+    assert time.perf_counter() - t0 < 1.0 and sizes == [1]
+    batcher.close()
+
+
+@pytest.mark.parametrize("second_fails", [False, True])
+def test_batch_waits_only_for_announced_requests(second_fails):
+    """A request still decoding is waited for (one batch of two); one that fails its decode ends
+    the wait at once, long before max_wait."""
+    import asyncio
+    import time
+
+    batcher, sizes = _recording_batcher(max_wait_s=3.0)
+
+    async def request(x: int, decode_s: float, fails: bool = False):
+        with batcher.arriving() as arrival:
+            await asyncio.sleep(decode_s)
+            if fails:
+                return None
+            return await batcher.submit_encode(x, arrival)
+
+    async def scenario():
+        return await asyncio.gather(request(1, 0.0), request(2, 0.3, fails=second_fails))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(scenario())
+    took = time.perf_counter() - t0
+    batcher.close()
+    assert took < 2.0, f"waited {took:.2f} s: the batcher ignored who was on the way"
+    if second_fails:
+        assert results == [10, None] and sizes == [1]
+    else:
+        assert results == [10, 20] and sizes == [2]
+
+
+def test_warm_up_leaves_stats_for_requests_only(service):
+    """The start-up warm-up (a full batch through the pipeline, on the model thread) is not counted
+    as served work; what /readyz reports is requests."""
+    fresh = ScoringService(service.config)
+    fresh.start(background=False)
+    try:
+        assert fresh.batcher.stats.to_dict()["images"] == 0 and fresh.batcher.stats.calls == 0
+    finally:
+        fresh.close()
+
+
 def test_not_ready_is_503(tiny_config):
     svc = ScoringService(tiny_config)  # never started
     c = TestClient(create_app(tiny_config, service=svc))

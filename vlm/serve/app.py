@@ -86,9 +86,10 @@ async def _score_upload(service: ScoringService, request: Request) -> tuple[dict
     form = await read_upload_form(request, service.config.max_upload_bytes)
     opts = parse_options(form.fields, next(iter(service.label_sets)))
     scorer = await service.scorer_for(opts)
-    kind, image, tensors = await service.off_loop(service.decode, form.file, scorer)
     try:
-        embeddings = await service.batcher.submit_encode(tensors)
+        with service.batcher.arriving() as arrival:  # the model thread may wait for it while it decodes
+            kind, image, tensors = await service.off_loop(service.decode, form.file, scorer)
+            embeddings = await service.batcher.submit_encode(tensors, arrival)
     except QueueFull as e:
         raise ApiError(503, "busy", f"{service.batcher.pending} requests are waiting for the model; retry later",
                        {"Retry-After": str(e.retry_after_s)}) from None
