@@ -352,3 +352,53 @@ def test_batch_killed_at_random_points_resumes_to_identical_findings(backbone, o
     for name in ("findings.csv", "findings.json", "errors.csv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert _n_done(out) == 12 and not list(out.rglob("*.tmp*"))
+
+
+def test_batch_streams_results_instead_of_keeping_them(backbone, inputs, tmp_path, monkeypatch):
+    """Memory at scale: each result is dropped once its report is written (the index, findings and charts
+    come from compact records spooled to disk); the streamed findings equal the whole-list form byte for
+    byte (formula cells neutralised), and no spool file is left behind."""
+    import gc
+    import weakref
+
+    import vlm.batch as batch_mod
+    from vlm.report import safe_json
+    from vlm.results import FINDINGS_CSV_COLUMNS, findings_rows
+
+    image_dir, corrupt, _ = inputs
+    shutil.copy(image_dir / "grey8.png", image_dir / "=HYPERLINK(1).png")
+    scorer = make_scorer(backbone)
+    alive: list[weakref.ref] = []
+    real_outcome = scorer.outcome
+
+    def tracked(enc, thr):
+        out = real_outcome(enc, thr)
+        alive.append(weakref.ref(out))
+        return out
+
+    scorer.outcome = tracked
+    live_at_end = []
+    real_index = batch_mod.write_index
+
+    def counting_index(*args, **kwargs):
+        gc.collect()
+        live_at_end.append(sum(r() is not None for r in alive))
+        return real_index(*args, **kwargs)
+
+    monkeypatch.setattr(batch_mod, "write_index", counting_index)
+    out = tmp_path / "out"
+    s = run_batch(scorer, [str(image_dir), str(corrupt)], out, threshold=0.4, progress=False, chunk_size=2)
+    assert s.scored == 6 and len(alive) == 6
+    assert live_at_end == [0]  # no ImageResult survives until the index is written
+    results = s.results  # read back from the reports on disk, input order
+    assert [r.image for r in results] == [r["image"] for r in read_csv(out / "findings.csv")][::14]
+    rows = findings_rows(results)
+    assert (out / "findings.csv").read_bytes() == batch_mod._safe_csv(rows, FINDINGS_CSV_COLUMNS).encode()
+    assert (out / "findings.json").read_bytes() == (safe_json(rows) + "\n").encode()
+    index = (out / "index.html").read_text()
+    assert index.count('href="reports/') == 12 and "Batch report: 6 images, 1 failed" in index
+    assert not list(out.glob(".*.tmp*"))  # the spool file is removed
+    # an empty batch (every input failed) still writes valid, empty findings
+    s = run_batch(make_scorer(backbone), [str(corrupt)], tmp_path / "none", progress=False)
+    assert s.scored == 0 and json.loads((tmp_path / "none" / "findings.json").read_text()) == []
+    assert read_csv(tmp_path / "none" / "findings.csv") == []

@@ -190,3 +190,61 @@ def test_ray_engine_writes_the_same_findings_as_the_local_engine(ray_local, back
     assert marker.exists()  # the replica really died
     assert killed.scored == 4
     assert (tmp_path / "ray-killed" / "findings.csv").read_bytes() == expected
+
+
+# ----------------------------------------------------------------------------- OOD guard in the main pass
+
+def _counting_copy(backbone, counter):
+    """A copy of `backbone` whose image encoder counts its forward passes."""
+    copy = type(backbone)(**{**backbone.__dict__})
+    orig = type(backbone).encode_images
+
+    def counting(pixels):
+        counter.append(pixels.shape[0])
+        return orig(copy, pixels)
+
+    copy.encode_images = counting
+    return copy
+
+
+def test_ood_verdict_from_the_main_pass_equals_the_separate_check(image_dir, monkeypatch):
+    """With the guard on, the stage features come from the batch's one forward pass (and from the
+    store on a re-run): no second decode + forward per image, and the same verdict as check_image."""
+    from vlm import ood
+
+    base = load_model("vlm-xray-starter")
+    ls = load_label_set("chestxray14")
+    guard = ood.OODGuard.for_model(base, ls)
+    assert guard.feature_stats is not None  # the bundled model's guard uses stage features
+    paths = sorted(image_dir.iterdir())
+    expected = [guard.check_image(load_image(p)).to_dict() for p in paths]
+    monkeypatch.setattr(ood.OODGuard, "check_image", lambda *a: pytest.fail("second decode + forward"))
+    cache = ImageEmbeddingCache()
+    for run in range(2):  # the second run reads embeddings and stage features back from the store
+        calls = []
+        scorer = Scorer(_counting_copy(base, calls), ls, variants=["clahe", "original"], batch_size=2,
+                        num_workers=0, image_cache=cache, ood_guard=guard, ood_mode="warn")
+        out = list(scorer.score(paths, threshold=0.5))
+        assert calls == ([4, 4] if run == 0 else [])  # 2 batches x 2 images x 2 variants; then none
+        for res, exp in zip(out, expected):
+            got = res.ood
+            assert got["available"] and got["in_distribution"] == exp["in_distribution"]
+            assert got["score"] == pytest.approx(exp["score"], rel=1e-4)
+            assert got["details"]["feature_score"] == pytest.approx(exp["details"]["feature_score"], rel=1e-4)
+            assert got["details"]["signals"] == ["embedding", "stage-features"]
+            assert got["reason"].split("(")[0] == exp["reason"].split("(")[0]
+
+
+def test_ood_guard_without_the_original_variant_still_checks_the_image(image_dir):
+    """'original' not among the variants: the guard reads and encodes the image itself (check_image)."""
+    from vlm import ood
+
+    base = load_model("vlm-xray-starter")
+    ls = load_label_set("chestxray14")
+    guard = ood.OODGuard.for_model(base, ls)
+    path = sorted(image_dir.iterdir())[0]
+    scorer = Scorer(base, ls, variants=["clahe"], num_workers=0, ood_guard=guard, ood_mode="warn")
+    res = next(scorer.score([path]))
+    exp = guard.check_image(load_image(path)).to_dict()
+    assert res.ood["score"] == pytest.approx(exp["score"], rel=1e-4)
+    assert res.ood["details"]["signals"] == ["embedding", "stage-features"]

@@ -33,6 +33,9 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
+import textwrap
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,8 +45,8 @@ from typing import Iterable
 from markupsafe import Markup
 
 from .data import read_csv_table
-from .fileio import atomic_write_json, atomic_write_text
-from .html import figure_div, render, write_plotly_asset
+from .fileio import atomic_path, atomic_write_json, atomic_write_text
+from .html import environment, figure_div, write_plotly_asset
 from .images import Discovery, discover, printable_path, safe_id
 from .report import assess, model_info, render_report, safe_json
 from .results import FINDINGS_CSV_COLUMNS, ImageFailure, ImageResult, findings_rows, to_csv
@@ -62,24 +65,35 @@ class BatchOutputError(ValueError):
 
 @dataclass
 class BatchSummary:
+    """What a batch did. Results are not kept in memory (a batch may be 100k images): `iter_results()`
+    / `results` read them back from the reports on disk, in input order."""
+
     out_dir: Path
     total: int = 0
     scored: int = 0
     resumed: int = 0
     rerendered: int = 0
     failed: list[ImageFailure] = field(default_factory=list)
-    results: list[ImageResult] = field(default_factory=list)
+    warned: int = 0  # scored images with input warnings (view, body part, frames)
     not_images: int = 0  # plainly-not-image files met in folders (counted, not listed)
     duplicates: int = 0  # paths naming a file already in the batch (scored once)
     folders_not_scanned: int = 0  # sub-folders left out by recursive=False
+    done_names: list[str] = field(default_factory=list)  # report base names of the scored images, input order
 
     @property
     def index(self) -> Path:
         return self.out_dir / "index.html"
 
+    def iter_results(self):
+        """The scored images' results, in input order, read back from reports/<name>.json one at a time."""
+        for name in self.done_names:
+            d = json.loads((self.out_dir / REPORTS / f"{name}.json").read_text(encoding="utf-8"))
+            yield ImageResult.from_dict(d)
+
     @property
-    def warned(self) -> int:
-        return sum(1 for r in self.results if r.input_warnings)
+    def results(self) -> list[ImageResult]:
+        """All results as a list (read from disk; for big batches prefer `iter_results`)."""
+        return list(self.iter_results())
 
     @property
     def exit_code(self) -> int:
@@ -238,22 +252,44 @@ def _row(result: ImageResult, name: str) -> dict:
     }
 
 
-def batch_charts(results: list[ImageResult]) -> dict[str, Markup]:
+class _ChartData:
+    """Per-label probabilities and positive counts over the batch: what the index charts need, as flat
+    float arrays (8 bytes per image x label), not results."""
+
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, str]] = []  # (label, display), the label set's order
+        self.probs: dict[str, array] = {}
+        self.counts: dict[str, int] = {}
+        self.thresholds: set = set()
+        self.n = 0
+
+    def add(self, chart: dict) -> None:
+        if not self.labels:
+            self.labels = [tuple(x) for x in chart["labels"]]
+            self.probs = {lab: array("d") for lab, _ in self.labels}
+            self.counts = {lab: 0 for lab, _ in self.labels}
+        for lab, p, pos in zip(chart["label_names"], chart["p"], chart["pos"]):
+            if lab in self.probs:
+                self.probs[lab].append(p)
+                self.counts[lab] += bool(pos)
+        self.thresholds.add(chart["threshold"])
+        self.n += 1
+
+
+def _chart_record(result: ImageResult) -> dict:
+    return {"labels": [(f.label, f.display or f.label) for f in result.findings],
+            "label_names": [f.label for f in result.findings], "p": [f.probability for f in result.findings],
+            "pos": [bool(f.positive) for f in result.findings], "threshold": result.threshold}
+
+
+def batch_charts(data: _ChartData) -> dict[str, Markup]:
     import plotly.graph_objects as go
 
-    if not results:
+    if not data.n:
         return {}
-    first = results[0].findings
-    labels = [f.label for f in first]
-    names = {f.label: f.display or f.label for f in first}
-    n = len(results)
-    counts = {lab: 0 for lab in labels}
-    probs: dict[str, list[float]] = {lab: [] for lab in labels}
-    for r in results:
-        for f in r.findings:
-            if f.label in probs:
-                probs[f.label].append(f.probability)
-                counts[f.label] += bool(f.positive)
+    labels = [lab for lab, _ in data.labels]
+    names = dict(data.labels)
+    n, counts, probs = data.n, data.counts, data.probs
     order = sorted(labels, key=lambda lab: counts[lab])
     prev = go.Figure(go.Bar(
         x=[counts[lab] / n for lab in order], y=[names[lab] for lab in order], orientation="h",
@@ -265,9 +301,9 @@ def batch_charts(results: list[ImageResult]) -> dict[str, Markup]:
                        margin={"l": 10, "r": 20, "t": 60, "b": 40})
     dist = go.Figure()
     for lab in sorted(labels, key=lambda lab: -sum(probs[lab]) / max(1, len(probs[lab]))):
-        dist.add_trace(go.Box(x=probs[lab], name=names[lab], orientation="h", boxpoints="outliers",
+        dist.add_trace(go.Box(x=list(probs[lab]), name=names[lab], orientation="h", boxpoints="outliers",
                               marker_color="#475467", hovertemplate="%{x:.3f}<extra></extra>"))
-    thresholds = {r.threshold for r in results}
+    thresholds = set(data.thresholds)
     if len(thresholds) == 1 and None not in thresholds:
         dist.add_vline(x=thresholds.pop(), line_dash="dash", line_color="#1d2939", annotation_text="threshold")
     dist.update_layout(title="Distribution of probabilities per finding across images", template="none",
@@ -278,16 +314,87 @@ def batch_charts(results: list[ImageResult]) -> dict[str, Markup]:
             "distribution": Markup(figure_div(dist, "batch-distribution"))}
 
 
-def write_index(out_dir: Path, results: list[ImageResult], names: dict[str, str], failures: list[ImageFailure],
-                sig: dict, model: dict, clinical: str | None, plotly_src: str) -> None:
-    rows = [_row(r, names.get(r.image, r.image_id)) for r in results]
-    labels = [(f.label, f.display or f.label) for f in results[0].findings] if results else []
-    html = render(
-        "batch_index.html.j2", rows=rows, failures=[f.to_dict() for f in failures], labels=labels, sig=sig,
-        model=model, clinical=(clinical or "").strip() or None, charts=batch_charts(results), plotly_src=plotly_src,
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), n_total=len(results) + len(failures),
+class _Collected:
+    """What the batch keeps of each finished image until the end, without keeping results in memory:
+    one compact JSON record per image (its index row, findings rows and chart values) spooled to a
+    temporary file in the output folder; memory holds only each record's offset. At the end the
+    index, findings.csv/json and the charts are streamed from it in input order, so peak memory does
+    not grow with the list (besides the paths themselves)."""
+
+    def __init__(self, out_dir: Path):
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=".collected-", suffix=".tmp")
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "w+b")
+        self._at: dict[str, tuple[int, int]] = {}
+        self.warned = 0
+
+    def add(self, key: str, result: ImageResult, name: str) -> None:
+        record = {"row": _row(result, name), "findings": findings_rows([result]), "chart": _chart_record(result)}
+        data = json.dumps(record, ensure_ascii=False, allow_nan=True).encode("utf-8")
+        self._file.seek(0, os.SEEK_END)
+        self._at[key] = (self._file.tell(), len(data))
+        self._file.write(data)
+        self.warned += bool(result.input_warnings)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._at
+
+    def records(self, keys: list[str], part: str):
+        """`part` ("row", "findings" or "chart") of each collected key, in the order given."""
+        self._file.flush()
+        for key in keys:
+            at, size = self._at[key]
+            self._file.seek(at)
+            yield json.loads(self._file.read(size).decode("utf-8"))[part]
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Rows:
+    """The index rows as a sized iterable (the template takes len() and iterates once): read on demand."""
+
+    def __init__(self, collected: _Collected, keys: list[str]):
+        self.collected, self.keys = collected, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        return self.collected.records(self.keys, "row")
+
+
+def write_findings(out_dir: Path, collected: _Collected, keys: list[str]) -> None:
+    """findings.csv and findings.json (one row per image x label, input order), streamed, each atomically;
+    the bytes equal `_safe_csv(rows, ...)` and `safe_json(rows) + "\n"` of the whole list."""
+    with atomic_path(out_dir / "findings.csv") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_csv([], FINDINGS_CSV_COLUMNS))  # the header
+        for rows in collected.records(keys, "findings"):
+            f.write(_safe_csv(rows, FINDINGS_CSV_COLUMNS).split("\r\n", 1)[1])
+    with atomic_path(out_dir / "findings.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        first = True
+        for rows in collected.records(keys, "findings"):
+            for row in rows:
+                f.write(("[\n" if first else ",\n") + textwrap.indent(safe_json(row), "  "))
+                first = False
+        f.write("[]\n" if first else "\n]\n")
+
+
+def write_index(out_dir: Path, collected: _Collected, keys: list[str], failures: list[ImageFailure], sig: dict,
+                model: dict, clinical: str | None, plotly_src: str) -> None:
+    """index.html, rendered straight to its (atomic) file from the collected rows."""
+    charts = _ChartData()
+    for chart in collected.records(keys, "chart"):
+        charts.add(chart)
+    template = environment().get_template("batch_index.html.j2")
+    parts = template.generate(
+        rows=_Rows(collected, keys), failures=[f.to_dict() for f in failures], labels=charts.labels, sig=sig,
+        model=model, clinical=(clinical or "").strip() or None, charts=batch_charts(charts), plotly_src=plotly_src,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), n_total=len(keys) + len(failures),
     )
-    atomic_write_text(out_dir / "index.html", html)
+    with atomic_path(out_dir / "index.html") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(parts)
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -364,7 +471,7 @@ class _Run:
     names: dict[str, str]
     views: dict[str, str]
     summary: BatchSummary
-    done: dict[str, ImageResult] = field(default_factory=dict)
+    collected: _Collected  # compact records of the finished images (not their results: memory stays flat)
     failures: dict[str, ImageFailure] = field(default_factory=dict)
 
 
@@ -381,7 +488,7 @@ def _resume(run: _Run, paths: list[Path]) -> list[Path]:
             r.extra["clinical"] = run.clinical  # new clinical text or a missing page: re-render, no re-scoring
             write_report(r, run.reports_dir, name, run.model, run.clinical, run.plotly_src)
             run.summary.rerendered += 1
-        run.done[str(p)] = r
+        run.collected.add(str(p), r, name)
         run.summary.resumed += 1
     return todo
 
@@ -406,7 +513,7 @@ def _record(run: _Run, out) -> None:
     except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
         run.failures[key] = ImageFailure(out.image, f"report failed: {type(e).__name__}: {e}")
         return
-    run.done[key] = out
+    run.collected.add(key, out, run.names[key])
     run.summary.scored += 1
 
 
@@ -481,20 +588,31 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
     with _output_errors(out_dir):
         asset = write_plotly_asset(out_dir)
         run = _Run(scorer, out_dir, reports_dir, threshold, sig, model_info(scorer.backbone),
-                   (clinical or "").strip() or None, f"../{asset}", output_names(paths), views, summary)
-
-        def all_failures() -> list[ImageFailure]:
-            return skipped + [run.failures[str(p)] for p in paths if str(p) in run.failures]
-
-        todo = _resume(run, paths)
-        _score(run, todo, all_failures, chunk_size, progress, engine)
-        summary.results = [run.done[str(p)] for p in paths if str(p) in run.done]
-        summary.failed = all_failures()
-        rows = findings_rows(summary.results)
-        atomic_write_text(out_dir / "findings.csv", _safe_csv(rows, FINDINGS_CSV_COLUMNS))
-        atomic_write_text(out_dir / "findings.json", safe_json(rows) + "\n")
-        write_errors(out_dir, summary.failed)
-        shown = {printable_path(k): v for k, v in run.names.items()}  # results name inputs by printable path
-        write_index(out_dir, summary.results, shown, summary.failed, sig, run.model, run.clinical, f"{asset}")
-        _prune(reports_dir, run.names)
+                   (clinical or "").strip() or None, f"../{asset}", output_names(paths), views, summary,
+                   _Collected(out_dir))
+        try:
+            _run_and_write(run, paths, skipped, chunk_size, progress, engine, asset)
+        finally:
+            run.collected.close()
     return summary
+
+
+def _run_and_write(run: _Run, paths: list[Path], skipped: list[ImageFailure], chunk_size: int, progress: bool,
+                   engine, asset: str) -> None:
+    """Resume, score the rest, then write findings, errors.csv and the index from the collected records."""
+    position = {str(p): i for i, p in enumerate(paths)}
+
+    def all_failures() -> list[ImageFailure]:
+        return skipped + [f for _, f in sorted(run.failures.items(), key=lambda kv: position[kv[0]])]
+
+    todo = _resume(run, paths)
+    _score(run, todo, all_failures, chunk_size, progress, engine)
+    summary = run.summary
+    done = [str(p) for p in paths if str(p) in run.collected]
+    summary.done_names = [run.names[k] for k in done]
+    summary.warned = run.collected.warned
+    summary.failed = all_failures()
+    write_findings(run.out_dir, run.collected, done)
+    write_errors(run.out_dir, summary.failed)
+    write_index(run.out_dir, run.collected, done, summary.failed, run.sig, run.model, run.clinical, f"{asset}")
+    _prune(run.reports_dir, run.names)

@@ -138,28 +138,52 @@ def _stage_modules(module) -> tuple[list, bool]:
     raise OODError(f"no stage features known for image tower {type(visual or module).__name__}")
 
 
+class StageFeatures:
+    """Forward hooks on the image tower's stages that pool their outputs while the encoder runs: per
+    stage, the mean and standard deviation of each channel over positions (conv) or tokens (ViT),
+    concatenated. `rows` picks the batch rows to pool (e.g. the 'original' variant of each image in a
+    batch of all variants), so the stage features come from the same forward pass as the embeddings.
+
+        with StageFeatures(backbone, rows) as sf:
+            emb = backbone.encode_images(pixels)
+        feats = sf.features()  # (len(rows), F)
+    """
+
+    def __init__(self, backbone, rows: Sequence[int] | None = None):
+        self.stages, self.seq_first = _stage_modules(backbone.module)
+        self.rows = None if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        self.pooled: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def _hook(self, _mod, _inp, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if out.dim() != 4:
+            out = out.transpose(0, 1) if self.seq_first else out
+        if self.rows is not None:
+            out = out[self.rows.to(out.device)]
+        axes = (2, 3) if out.dim() == 4 else 1
+        self.pooled.append(torch.cat([out.mean(axes), out.std(axes)], 1).float())
+
+    def __enter__(self) -> "StageFeatures":
+        self._handles = [m.register_forward_hook(self._hook) for m in self.stages]
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
+
+    def features(self) -> np.ndarray:
+        return torch.cat(self.pooled, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def encode_with_features(backbone, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised embeddings (N, D), stage features (N, F)): per stage, the mean and standard
-    deviation of each channel over positions (conv) or tokens (ViT), concatenated."""
-    stages, seq_first = _stage_modules(backbone.module)
-    pooled: list[torch.Tensor] = []
-
-    def hook(_mod, _inp, out):
-        out = out[0] if isinstance(out, tuple) else out
-        if out.dim() == 4:
-            pooled.append(torch.cat([out.mean((2, 3)), out.std((2, 3))], 1).float())
-        else:
-            out = out.transpose(0, 1) if seq_first else out
-            pooled.append(torch.cat([out.mean(1), out.std(1)], 1).float())
-
-    handles = [m.register_forward_hook(hook) for m in stages]
-    try:
+    """(normalised embeddings (N, D), stage features (N, F)) of a batch (see `StageFeatures`)."""
+    with StageFeatures(backbone) as sf:
         emb = backbone.encode_images(pixels.to(backbone.device)).float()
-    finally:
-        for h in handles:
-            h.remove()
-    return emb.cpu().numpy(), torch.cat(pooled, 1).cpu().numpy()
+    return emb.cpu().numpy(), sf.features()
 
 
 def save_stats(path: str | Path, domains: Sequence[DomainStats], fingerprint: str, extra: dict | None = None) -> None:

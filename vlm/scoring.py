@@ -35,6 +35,10 @@ from .variants import resolve_variants
 # Bump when image loading, a variant or the model transform changes the pixels the encoder sees:
 # stored image embeddings of older versions are then not used (and age out of the store).
 PREPROCESS_VERSION = 1
+# The OOD guard's stage features of the 'original' variant (vlm.ood.StageFeatures), captured in the
+# main forward pass and kept in the store beside the embeddings under this pseudo-variant name.
+FEATURES_VARIANT = "ood-stage-features:original"
+FEATURES_OF = "original"
 
 
 def preprocessing_key(backbone: Backbone, load_options: LoadOptions | None = None) -> str:
@@ -76,6 +80,7 @@ class PreparedImage:
     cached: np.ndarray | None = None  # (V, D) from the store
     digest: str | None = None
     error: str | None = None
+    cached_features: np.ndarray | None = None  # (F,) the OOD guard's stage features, when stored with it
 
 
 def prepare_image(path: str, variants: list[str], size: int, mean, std, load_options: LoadOptions | None = None,
@@ -91,10 +96,12 @@ def prepare_image(path: str, variants: list[str], size: int, mean, std, load_opt
             if digest is not None and os.path.exists(lookup.location):  # (a cluster node may have no store)
                 from .store import open_store
 
-                hit = open_store(lookup.location, lookup.max_bytes).get_image(lookup.fingerprint, digest, lookup.prep,
-                                                                              variants)
+                hit = open_store(lookup.location, lookup.max_bytes).get_image_entry(
+                    lookup.fingerprint, digest, lookup.prep, variants, optional=(FEATURES_VARIANT,))
                 if hit is not None:
-                    return PreparedImage(path, hit[1], cached=hit[0], digest=digest)
+                    emb, meta, extra = hit
+                    return PreparedImage(path, meta, cached=emb, digest=digest,
+                                         cached_features=extra.get(FEATURES_VARIANT))
         image = load_image(path, load_options)
         x = variant_tensors(image, variants, size, mean, std)
         meta = {"view": image.view, "size": list(image.size), "info": image.result_info()}
@@ -168,6 +175,7 @@ class EncodedImage:
     view: str | None = None
     size: tuple[int, int] | None = None
     info: dict = field(default_factory=dict)  # Image.result_info(): input warnings, laterality, body part
+    features: np.ndarray | None = None  # (F,) OOD stage features of the 'original' variant, when captured
 
 
 def _autocast(device: torch.device):
@@ -191,10 +199,11 @@ def default_workers(n_items: int) -> int:
     return max(1, min(8, available_cpus() - 1))
 
 
-def _encoded(item: PreparedImage, emb: torch.Tensor) -> EncodedImage:
+def _encoded(item: PreparedImage, emb: torch.Tensor, features: np.ndarray | None = None) -> EncodedImage:
     meta = item.meta
     size = tuple(meta["size"]) if meta.get("size") else None
-    return EncodedImage(item.path, safe_id(item.path), emb, meta.get("view"), size, dict(meta.get("info") or {}))
+    return EncodedImage(item.path, safe_id(item.path), emb, meta.get("view"), size, dict(meta.get("info") or {}),
+                        features)
 
 
 def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_size: int, num_workers: int | None,
@@ -206,14 +215,31 @@ def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_siz
                       prefetch_factor=2 if workers else None)
 
 
-def _forward(backbone: Backbone, pixels: torch.Tensor, encoder) -> torch.Tensor:
-    """All variants of all images of a batch in one forward pass (channels-last + autocast on GPU)."""
+def _forward(backbone: Backbone, pixels: torch.Tensor, encoder, feature_rows=None):
+    """All variants of all images of a batch in one forward pass (channels-last + autocast on GPU).
+
+    feature_rows: batch rows whose OOD stage features are pooled in the same pass; then returns
+    (embeddings, features (len(feature_rows), F)), else the embeddings."""
     device = backbone.device
     if device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     pixels = pixels.to(device, non_blocking=True)
-    with _autocast(device):
-        return (encoder or backbone.encode_images)(pixels).float().cpu()
+    if feature_rows is None:
+        with _autocast(device):
+            return (encoder or backbone.encode_images)(pixels).float().cpu()
+    from .ood import StageFeatures
+
+    with StageFeatures(backbone, feature_rows) as sf, _autocast(device):
+        emb = (encoder or backbone.encode_images)(pixels).float().cpu()
+    return emb, sf.features()
+
+
+def feature_rows(n_images: int, variants: list[str]) -> list[int] | None:
+    """Rows of the 'original' variant in a batch of n_images x variants (None when it is not one)."""
+    if FEATURES_OF not in variants:
+        return None
+    k = list(variants).index(FEATURES_OF)
+    return [i * len(variants) + k for i in range(n_images)]
 
 
 @torch.no_grad()
@@ -227,6 +253,7 @@ def encode_images(
     progress: bool = False,
     load_options: LoadOptions | None = None,
     encoder=None,
+    features: bool = False,
 ) -> Iterator[EncodedImage | ImageFailure]:
     """Yield one `EncodedImage` (or `ImageFailure`) per path, in input order, as batches finish.
 
@@ -234,6 +261,8 @@ def encode_images(
     file up in the store by content and decode + preprocess the rest, a couple of batches ahead;
     memory holds only those batches. `batch_size` counts images, each contributing len(variants)
     tensors to one forward pass. `encoder` replaces `backbone.encode_images` (e.g. a compiled one).
+    features: also capture the OOD guard's stage features of the 'original' variant in that same pass
+    (`EncodedImage.features`; kept in the store too), so the guard needs no second decode and forward.
     """
     paths = [str(p) for p in paths]
     backbone.module.eval()
@@ -249,17 +278,23 @@ def encode_images(
     for batch in _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options):
         items: list[PreparedImage] = batch["items"]
         fresh = [it for it in items if it.error is None and it.cached is None]
-        emb = _forward(backbone, batch["pixels"], encoder).view(len(fresh), n_variants, -1) if fresh else None
+        emb = feats = None
+        if fresh:
+            rows = feature_rows(len(fresh), variants) if features else None
+            out = _forward(backbone, batch["pixels"], encoder, rows)
+            emb, feats = out if rows is not None else (out, None)
+            emb = emb.view(len(fresh), n_variants, -1)
         if cache is not None:
-            _store_batch(cache, lookup, fresh, emb, variants, items)
+            _store_batch(cache, lookup, fresh, emb, variants, items, feats)
         done = iter(range(len(fresh)))
         for it in items:
             if it.error is not None:
                 yield ImageFailure(it.path, it.error)
             elif it.cached is not None:
-                yield _encoded(it, torch.from_numpy(np.array(it.cached)))
+                yield _encoded(it, torch.from_numpy(np.array(it.cached)), it.cached_features if features else None)
             else:
-                yield _encoded(it, emb[next(done)])
+                k = next(done)
+                yield _encoded(it, emb[k], None if feats is None else feats[k])
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
@@ -267,11 +302,12 @@ def encode_images(
 
 
 def _store_batch(cache: ImageEmbeddingCache, lookup: _StoreLookup, fresh: list[PreparedImage], emb, variants,
-                 items: list[PreparedImage]) -> None:
-    """New embeddings in one transaction; hits marked as used (the store's LRU clock)."""
+                 items: list[PreparedImage], feats: np.ndarray | None = None) -> None:
+    """New embeddings (+ OOD stage features) in one transaction; hits marked as used (the store's LRU clock)."""
     hits = [(it.digest, lookup.prep) for it in items if it.cached is not None]
-    new = [(it.digest, lookup.prep, variants, e.numpy(), it.meta) for it, e in zip(fresh, emb if fresh else [])
-           if it.digest is not None]
+    names = variants if feats is None else [*variants, FEATURES_VARIANT]
+    new = [(it.digest, lookup.prep, names, list(e.numpy()) + ([] if feats is None else [feats[k]]), it.meta)
+           for k, (it, e) in enumerate(zip(fresh, emb if fresh else [])) if it.digest is not None]
     cache.store.put_images(lookup.fingerprint, new)
     cache.store.touch_images(lookup.fingerprint, hits)
     cache.hits += len(hits)
@@ -387,7 +423,14 @@ class Scorer:
 
     def encode(self, paths: Iterable[str | Path], progress: bool = False):
         return encode_images(self.backbone, paths, self.variants, self.batch_size, self.num_workers,
-                             self.image_cache, progress, self.load_options)
+                             self.image_cache, progress, self.load_options, features=self.wants_ood_features)
+
+    @property
+    def wants_ood_features(self) -> bool:
+        """Whether encoding should capture the OOD guard's stage features in the main forward pass."""
+        guard = self.ood_guard
+        return (self.ood_mode != "off" and not isinstance(guard, str) and guard is not None
+                and getattr(guard, "feature_stats", None) is not None and FEATURES_OF in self.variants)
 
     def result(self, enc: EncodedImage, threshold: float | dict[str, float] | None = None) -> ImageResult:
         thr = threshold if isinstance(threshold, dict) else self.thresholds(threshold)
@@ -412,12 +455,21 @@ class Scorer:
         if isinstance(self.ood_guard, str) or self.ood_guard is None:
             return {"available": False, "in_distribution": None,
                     "reason": self.ood_guard or "the OOD guard is off"}
-        verdict = {"available": True, **self.ood_guard.check_image(load_image(enc.path, self.load_options)).to_dict()}
+        verdict = {"available": True, **self._guard_verdict(enc).to_dict()}
         misfit = fit_warnings(enc.view, enc.info.get("body_part"), self.load_options.label_modality)
         if misfit:
             also = f"; {verdict['reason']}" if verdict["in_distribution"] is False else ""
             verdict.update(in_distribution=False, reason="; ".join(misfit) + also)
         return verdict
+
+    def _guard_verdict(self, enc: EncodedImage):
+        """From the main pass when it has what the guard needs (the 'original' embedding, and its stage
+        features if the guard uses them): no second decode or forward. Else the image is read and
+        encoded once more (`OODGuard.check_image`), e.g. when 'original' is not among the variants."""
+        guard = self.ood_guard
+        if FEATURES_OF in self.variants and (enc.features is not None or getattr(guard, "feature_stats", None) is None):
+            return guard.check(enc.embeddings, self.variants, features=enc.features)
+        return guard.check_image(load_image(enc.path, self.load_options))
 
     def outcome(self, enc: EncodedImage, threshold: float | dict[str, float] | None = None
                 ) -> ImageResult | ImageFailure:

@@ -8,7 +8,9 @@ content  sha256 of the file's bytes (a renamed or copied file is the same entry;
 prep     the preprocessing version + everything that changes pixels before the encoder (image size,
          mean/std, DICOM window, frame rule) - see `vlm.scoring.preprocessing_key`
 variant  the preprocessing variant name (original, clahe, ...), one row each, so a run with other
-         variants reuses the ones it shares
+         variants reuses the ones it shares; the pseudo-variant `ood-stage-features:original` holds the
+         OOD guard's stage features of the 'original' variant (another length), so a re-run with the
+         guard on needs no image-encoder pass either
 
 Why SQLite (WAL mode), not a folder of .npz files, LanceDB or Parquet: it ships with Python (no new
 dependency), one file holds 100k+ images without 100k inodes, lookups are indexed point reads, and
@@ -161,6 +163,13 @@ class EmbeddingStore:
 
     def get_image(self, model: str, content: str, prep: str, variants: list[str]) -> tuple[np.ndarray, dict] | None:
         """(V, D) float32 in `variants` order and the stored metadata, or None unless every variant is stored."""
+        hit = self.get_image_entry(model, content, prep, variants)
+        return None if hit is None else hit[:2]
+
+    def get_image_entry(self, model: str, content: str, prep: str, variants: list[str], optional: tuple = ()
+                        ) -> tuple[np.ndarray, dict, dict[str, np.ndarray]] | None:
+        """As `get_image`, plus the `optional` rows that are stored (name -> vector; e.g. the OOD guard's
+        stage features, whose length differs from the embeddings'); None unless every variant is stored."""
         rows = self._conn().execute(
             "SELECT variant, vec, meta FROM images WHERE model=? AND content=? AND prep=?",
             (model, content, prep)).fetchall()
@@ -168,16 +177,18 @@ class EmbeddingStore:
         if not all(v in found for v in variants):
             return None
         emb = np.stack([np.frombuffer(found[v][0], dtype=np.float32) for v in variants])
-        return emb, json.loads(found[variants[0]][1])
+        extra = {v: np.frombuffer(found[v][0], dtype=np.float32).copy() for v in optional if v in found}
+        return emb, json.loads(found[variants[0]][1]), extra
 
     def put_images(self, model: str, entries: Iterable[tuple[str, str, list[str], np.ndarray, dict]]) -> int:
-        """Write (content, prep, variants, emb (V, D), meta) entries in one transaction; returns rows written."""
+        """Write (content, prep, variants, vectors, meta) entries in one transaction; returns rows written.
+        vectors: (V, D) or a list of V vectors (rows may differ in length, e.g. stage features)."""
         now = time.time()
         rows = []
         for content, prep, variants, emb, meta in entries:
             text = json.dumps(meta, sort_keys=True)
-            for v, e in zip(variants, np.asarray(emb, dtype=np.float32)):
-                blob = e.tobytes()
+            for v, e in zip(variants, emb):
+                blob = np.asarray(e, dtype=np.float32).tobytes()
                 rows.append((model, content, prep, v, blob, text, len(blob), now))
         if rows:
             self._write("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows, sum(r[6] for r in rows))

@@ -1,7 +1,8 @@
 """The local engine: one process, DataLoader decode workers sized to the machine, one model.
 
 It is `vlm.scoring.encode_images` (streaming, store lookups in the workers, all variants of a batch
-in one forward pass, pinned memory + channels-last + autocast on GPU) followed by `Scorer.result`;
+in one forward pass, pinned memory + channels-last + autocast on GPU; the OOD guard's stage features
+captured in that same pass) followed by `Scorer.outcome`;
 `compile=True` puts the image encoder through `torch.compile` first.
 """
 from __future__ import annotations
@@ -35,5 +36,6 @@ class LocalEngine:
         workers = self.num_workers if self.num_workers is not None else scorer.num_workers
         encoder = compiled_encoder(scorer.backbone) if self.compile else None
         for enc in encode_images(scorer.backbone, paths, scorer.variants, scorer.batch_size, workers,
-                                 scorer.image_cache, load_options=scorer.load_options, encoder=encoder):
+                                 scorer.image_cache, load_options=scorer.load_options, encoder=encoder,
+                                 features=scorer.wants_ood_features):
             yield enc if isinstance(enc, ImageFailure) else scorer.outcome(enc, thr)

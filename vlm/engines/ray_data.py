@@ -5,7 +5,8 @@
           -> the driver              scorer.result per image, in input order -> the caller's writer
 
 The driver keeps the `Scorer` (label set, prompt classifier, calibration, adapter head, thresholds), so
-findings are computed exactly as by the local engine; replicas only turn pixels into embeddings. Each
+findings are computed exactly as by the local engine; replicas only turn pixels into embeddings (and,
+with the OOD guard on, its stage features of the 'original' variant, in the same forward pass). Each
 replica loads the model itself (by registry name or path, plus the adapter folder) and refuses to run if
 its fingerprint differs from the driver's. New embeddings are written to the driver's store.
 
@@ -80,34 +81,45 @@ class _Prepare:
                 "fresh": np.array([it.pixels is not None for it in items]),
                 "cached": np.array([b"" if it.cached is None else np.asarray(it.cached, np.float32).tobytes()
                                     for it in items], dtype=object),
+                "feat": np.array([_bytes(it.cached_features) for it in items], dtype=object),
                 "meta": np.array([json.dumps(it.meta) for it in items], dtype=object),
                 "digest": np.array([it.digest or "" for it in items], dtype=object),
                 "error": np.array([it.error or "" for it in items], dtype=object)}
 
 
-class _Encoder:
-    """A model replica (a Ray actor): pixels of the fresh rows -> embeddings, all variants in one forward pass."""
+def _bytes(vec) -> bytes:
+    return b"" if vec is None else np.ascontiguousarray(vec, np.float32).tobytes()
 
-    def __init__(self, spec: ModelSpec):
+
+class _Encoder:
+    """A model replica (a Ray actor): pixels of the fresh rows -> embeddings, all variants in one forward pass
+    (and, with `variants` given, the OOD guard's stage features of their 'original' rows in that pass)."""
+
+    def __init__(self, spec: ModelSpec, variants: list[str] | None = None):
         self.backbone = spec.load()
         self.backbone.module.eval()
+        self.variants = variants  # None: no stage features wanted
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from ..scoring import _forward
+        from ..scoring import _forward, feature_rows
 
         fresh = batch["fresh"].astype(bool)
-        out = list(batch["cached"])
+        out, feat = list(batch["cached"]), list(batch["feat"])
         if fresh.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][fresh]))
             n, v = x.shape[:2]
+            rows = feature_rows(n, self.variants) if self.variants else None
             with torch.no_grad():  # grad mode is per thread; Ray calls this from its own threads
-                emb = _forward(self.backbone, x.view(n * v, *x.shape[2:]), None).view(n, v, -1).numpy()
-            for k, e in zip(np.flatnonzero(fresh), emb):
-                out[k] = np.ascontiguousarray(e, np.float32).tobytes()
+                got = _forward(self.backbone, x.view(n * v, *x.shape[2:]), None, rows)
+            emb, feats = got if rows is not None else (got, None)
+            emb = emb.view(n, v, -1).numpy()
+            for j, k in enumerate(np.flatnonzero(fresh)):
+                out[k] = _bytes(emb[j])
+                feat[k] = _bytes(None if feats is None else feats[j])
         rest = {k: batch[k] for k in ("i", "path", "fresh", "meta", "digest", "error")}
-        return {**rest, "emb": np.array(out, dtype=object)}
+        return {**rest, "emb": np.array(out, dtype=object), "feat": np.array(feat, dtype=object)}
 
 
 def _init_ray(address: str | None, num_cpus: int | None):
@@ -152,7 +164,8 @@ class RayEngine:
                                                            scorer.load_options, lookup),
                             batch_size=scorer.batch_size, concurrency=(1, max(1, int(ray.cluster_resources().get(
                                 "CPU", 1)))), num_cpus=1)
-        return ds.map_batches(self.encoder_class, fn_constructor_args=(ModelSpec.of(scorer),),
+        features = scorer.variants if scorer.wants_ood_features else None
+        return ds.map_batches(self.encoder_class, fn_constructor_args=(ModelSpec.of(scorer), features),
                               batch_size=scorer.batch_size, concurrency=self.num_workers or 1, num_gpus=gpus,
                               num_cpus=0 if gpus else 1)
 
@@ -194,21 +207,30 @@ class RayEngine:
             return ImageFailure(row["path"], row["error"])
         meta = json.loads(row["meta"])
         emb = np.frombuffer(row["emb"], np.float32).reshape(len(scorer.variants), -1).copy()
+        feats = np.frombuffer(row["feat"], np.float32).copy() if row["feat"] else None
         if row["fresh"] and row["digest"]:
-            new_entries.append((row["digest"], meta, emb))
+            new_entries.append((row["digest"], meta, emb, feats))
         elif not row["fresh"] and scorer.image_cache is not None:
             scorer.image_cache.hits += 1
-        return scorer.outcome(_encoded(PreparedImage(row["path"], meta), torch.from_numpy(emb)), thr)
+        feats = feats if scorer.wants_ood_features else None
+        return scorer.outcome(_encoded(PreparedImage(row["path"], meta), torch.from_numpy(emb), feats), thr)
 
     @staticmethod
     def _flush(scorer, new_entries, min_rows):
         cache = scorer.image_cache
         if cache is None or len(new_entries) < min_rows:
             return
-        from ..scoring import preprocessing_key
+        from ..scoring import FEATURES_VARIANT, preprocessing_key
 
         b = scorer.backbone
         prep = preprocessing_key(b, scorer.load_options)
-        cache.store.put_images(b.fingerprint, [(d, prep, scorer.variants, e, m) for d, m, e in new_entries])
+        entries = []
+        for digest, meta, emb, feats in new_entries:  # stage features (if captured) as one more row
+            names, vectors = list(scorer.variants), list(emb)
+            if feats is not None:
+                names.append(FEATURES_VARIANT)
+                vectors.append(feats)
+            entries.append((digest, prep, names, vectors, meta))
+        cache.store.put_images(b.fingerprint, entries)
         cache.misses += len(new_entries)
         new_entries.clear()
