@@ -248,3 +248,30 @@ def test_ood_guard_without_the_original_variant_still_checks_the_image(image_dir
     exp = guard.check_image(load_image(path)).to_dict()
     assert res.ood["score"] == pytest.approx(exp["score"], rel=1e-4)
     assert res.ood["details"]["signals"] == ["embedding", "stage-features"]
+
+
+@pytest.mark.slow
+def test_ray_engine_takes_the_ood_stage_features_from_its_replicas(ray_local, image_dir, monkeypatch):
+    """With the guard on, Ray replicas return the stage features of the same forward pass: the verdicts
+    equal the local engine's, with no second decode + forward in the driver, and they reach the store."""
+    from vlm import ood
+
+    base = load_model("vlm-xray-starter")
+    ls = load_label_set("chestxray14")
+    guard = ood.OODGuard.for_model(base, ls)
+    paths = sorted(image_dir.iterdir())
+
+    def verdicts(engine, cache):
+        scorer = Scorer(base, ls, variants=["original", "hflip"], batch_size=2, num_workers=0, image_cache=cache,
+                        ood_guard=guard, ood_mode="warn")
+        return [r.ood for r in engine.results(scorer, paths, 0.5)]
+
+    local = verdicts(get_engine("local", num_workers=0), None)
+    monkeypatch.setattr(ood.OODGuard, "check_image", lambda *a: pytest.fail("second decode + forward"))
+    cache = ImageEmbeddingCache()
+    for _ in range(2):  # then from the store: every image a hit, stage features included
+        got = verdicts(get_engine("ray", num_workers=1), cache)
+        for g, e in zip(got, local):
+            assert g["in_distribution"] == e["in_distribution"]
+            assert g["details"]["feature_score"] == pytest.approx(e["details"]["feature_score"], rel=1e-4)
+    assert cache.hits == len(paths)
