@@ -1,16 +1,20 @@
 """Bounded load against `vlm-xray serve` on loopback: micro-batched vs unbatched in the same run.
 
-    python benchmarks/bench_serve.py [--requests 500] [--clients 8] [--malformed 0.1] [--model NAME]
+    python benchmarks/bench_serve.py [--requests 500] [--clients 8] [--malformed 0.1] [--batch 8] [--model NAME]
 
-Two server processes run side by side on free 127.0.0.1 ports with the bundled model: micro-batched
-(--max-batch 8) and unbatched (--max-batch 1). The script measures each one's single-request latency
-(sequential, median of 8), then sends the same --requests POST /v1/predict to each from --clients
-concurrent clients, in --rounds alternating rounds (so drifting load from other jobs on a shared
-machine hits both modes alike), --malformed of them hostile (text, truncated PNG, a 16-px image, a
-bad option). It records throughput, p50/p95/p99 latency, status counts, whether every body is JSON
-with the expected keys, and the server's RSS (sampled every 0.25 s). Then, on the batched server,
-it sends heatmap requests from 4 clients while timing GET /healthz every 50 ms.
-Writes benchmarks/serve.md and benchmarks/serve.json. Loopback only; nothing leaves the machine.
+Two server processes run side by side on free 127.0.0.1 ports with the bundled model (or --model):
+the same server code, micro-batched (--max-batch 8) and unbatched (--max-batch 1). The script
+measures each one's single-request latency (idle, sequential, median of 8), then sends the same
+--requests POST /v1/predict to each from --clients concurrent clients, in --rounds alternating rounds
+(so drifting load from other jobs on a shared machine hits both modes alike), --malformed of them
+hostile (text, truncated PNG, a 16-px image, a bad option). The load generator is light (keep-alive
+http.client connections posting pre-built bodies): it shares the server's cores. It records
+throughput, p50/p95/p99 latency, status counts, whether every body is JSON with the expected keys,
+CPU seconds per request of each server and of the load generator, and each server's RSS when ready,
+at the start of the load, its peak (sampled every 0.25 s) and at the end. Then, on the batched
+server, it sends heatmap requests from 4 clients while timing GET /healthz every 50 ms from a
+separate process. Writes benchmarks/serve.md and benchmarks/serve.json, with the issue's targets
+marked met or not. Loopback only; nothing leaves the machine.
 """
 from __future__ import annotations
 
@@ -286,6 +290,22 @@ def healthz_under_heatmaps(server: Server, n_heatmap: int = 16, clients: int = 4
             "healthz_p99_ms": round(1000 * pct(pings, 99), 2), "healthz_max_ms": round(1000 * max(pings), 2)}
 
 
+def targets(out: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured value, met?) for each acceptance number of issue #12."""
+    b, u, h = out["batched"], out["unbatched"], out["healthz_under_heatmaps"]
+    growth = {m: round(out[m]["rss_mb"]["peak"] - out[m]["rss_mb"]["start"], 1) for m in ("batched", "unbatched")}
+    return [
+        ("micro-batched >= 1.5x unbatched throughput", f"{out['batching_speedup']}x", out["batching_speedup"] >= 1.5),
+        ("p95 <= 6x single-request latency (batched, 8 clients)", f"{out['p95_over_single']}x",
+         out["p95_over_single"] <= 6),
+        ("server RSS flat within 50 MB over the run (peak - run start)",
+         f"batched +{growth['batched']} MB, unbatched +{growth['unbatched']} MB", max(growth.values()) <= 50),
+        ("/healthz p99 < 50 ms under heatmap requests", f"{h['healthz_p99_ms']} ms", h["healthz_p99_ms"] < 50),
+        ("0 5xx, every body well-formed JSON", f"{b['server_errors_5xx'] + u['server_errors_5xx']} 5xx",
+         b["server_errors_5xx"] + u["server_errors_5xx"] == 0 and b["well_formed_json"] and u["well_formed_json"]),
+    ]
+
+
 def write_markdown(out: dict, path: Path) -> None:
     b, u, h = out["batched"], out["unbatched"], out["healthz_under_heatmaps"]
     rows = [("throughput (good req/s)", "throughput_rps"), ("single request (s, idle, median of 8)", "single_request_s"),
@@ -298,7 +318,7 @@ def write_markdown(out: dict, path: Path) -> None:
              "truncated PNG, 16-px image, bad option), sent in alternating rounds to the two servers running side by "
              "side. Images: "
              f"{out['images']}.", "",
-             "| | micro-batched (--max-batch 8) | unbatched (--max-batch 1) |", "|---|---|---|"]
+             f"| | micro-batched (--max-batch {out['max_batch']}) | unbatched (--max-batch 1) |", "|---|---|---|"]
     lines += [f"| {label} | {b[k]} | {u[k]} |" for label, k in rows]
     lines += [f"| statuses | {b['statuses']} | {u['statuses']} |",
               "| server RSS ready / run start / peak / end (MB) | " + " | ".join(
@@ -315,6 +335,9 @@ def write_markdown(out: dict, path: Path) -> None:
               f"({h['healthz_pings']} pings): p50 {h['healthz_p50_ms']} ms, p99 **{h['healthz_p99_ms']} ms**, "
               f"max {h['healthz_max_ms']} ms; heatmap request p50 {h['heatmap_p50_s']} s, statuses "
               f"{h['heatmap_statuses']}.", "",
+              "| target (issue #12) | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets(out)]
+    lines += ["",
               f"Load average (1 / 5 / 15 min) of the shared machine at the start: {out['load_average_at_start']}, "
               f"at the end: {out['load_average_at_end']} (2 cores). "
               "Absolute numbers move with other jobs; the two modes share every round of load, so their ratio is "
@@ -330,13 +353,15 @@ def main() -> None:
     ap.add_argument("--heatmap-requests", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds the requests are split into")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=8, help="--max-batch of the micro-batched server")
     ap.add_argument("--out", default=str(HERE / "serve"))
     args = ap.parse_args()
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} CPU cores",
            "images": f"{len(good_images())} files from " + ("../shared/data/nih14" if SHARED.is_dir() else "examples/"),
            "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
     out["load_average_at_start"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    servers = {"batched": Server(8, args.model), "unbatched": Server(1, args.model)}
+    out["max_batch"] = args.batch
+    servers = {"batched": Server(args.batch, args.model), "unbatched": Server(1, args.model)}
     try:
         for server in servers.values():
             server.wait_ready()

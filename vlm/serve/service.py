@@ -244,7 +244,21 @@ class ScoringService:
         # on the model thread, as under load: its malloc arena then holds the activations from the start
         embeddings = self.batcher.call_blocking(lambda: encode_every_batch_size([t for _, _, t in decoded]), 300)
         list(self.workers.map(score, [image for _, image, _ in decoded], embeddings))
+        self.batcher.call_blocking(lambda: self._warm_heatmaps(decoded[0][1]), 300)
         self.batcher.stats = BatchStats()  # /readyz and /metrics count requests, not the warm-up
+
+    def _warm_heatmaps(self, image) -> None:
+        """One heatmap at start-up: the Grad-CAM stack's first import (pytorch_grad_cam pulls in pandas,
+        scipy, sklearn and matplotlib: seconds, with the GIL held in extension initialisers) would
+        otherwise stall the event loop, /healthz included, during the first heatmap request, and
+        grow RSS then rather than before ready."""
+        from ..explain import ExplainError, explain
+
+        try:
+            maps = explain(self.base, self.base.label_set, image, labels=self.base.label_set.names[:1])
+            maps[0].png(image.pixels, alpha=0.45)
+        except ExplainError as e:  # the tower has no heatmap method: requests asking for one are told so
+            logger.info("heatmaps unavailable for %s: %s", self.backbone.name, e)
 
     def close(self) -> None:
         if self.batcher is not None:
