@@ -65,6 +65,19 @@ def test_bundled_starter_lora_targets_carry_weight():
     assert _lora_effect(visual, "blocks.0.attn.qkv") > 1e-2
 
 
+def test_bundled_starter_heatmaps_follow_the_image():
+    from vlm import explain as E
+    from vlm.labels import load_label_set
+    from vlm.models import load_model
+
+    b = load_model("vlm-xray-starter")
+    assert E.tower_of(b.module).kind == "conv"  # Grad-CAM on the body's map, gradients through the new blocks
+    ls = load_label_set("chestxray14")
+    a = E.explain(b, ls, _radiograph(0, 128), ["Effusion"])[0].map
+    c = E.explain(b, ls, _radiograph(1, 128, blob=True), ["Effusion"])[0].map
+    assert a.shape == c.shape and a.std() > 0 and not np.allclose(a, c)
+
+
 def _write_csv(folder, rows):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "labels.csv", "w", newline="") as f:

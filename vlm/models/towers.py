@@ -153,6 +153,8 @@ class ConvBodyAttn(nn.Module):
         self.global_pool = global_pool
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         self.default_cfg = self.pretrained_cfg = {"pool_size": None, "num_classes": num_classes}
+        # the body's output map is what Grad-CAM explains (vlm.explain reads feature_info[-1])
+        self.feature_info = [{"module": "body", "num_chs": dim, "reduction": 32}]
         for m in self.blocks.modules():
             ConvViT._init(m)
 
