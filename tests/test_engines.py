@@ -275,3 +275,28 @@ def test_ray_engine_takes_the_ood_stage_features_from_its_replicas(ray_local, im
             assert g["in_distribution"] == e["in_distribution"]
             assert g["details"]["feature_score"] == pytest.approx(e["details"]["feature_score"], rel=1e-4)
     assert cache.hits == len(paths)
+
+
+def test_encoder_threads_leave_the_decode_workers_their_cores(backbone, image_dir, monkeypatch):
+    """On CPU the encoder loop runs on the cores the decode workers leave (more threads than free cores
+    make torch spin at every barrier); torch's setting is restored when the stream ends."""
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    assert scoring.encoder_threads(cpu, 0) is None  # no workers: torch's own setting
+    assert scoring.encoder_threads(cpu, 1) == 1 and scoring.encoder_threads(cpu, 4) == 1
+    assert scoring.encoder_threads(torch.device("cuda"), 1) is None
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 64)
+    assert scoring.encoder_threads(cpu, 8) == min(before, 56)  # never more than torch would use
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    seen = []
+    real = scoring._forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_forward", spy)
+    scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original", num_workers=1, batch_size=2)
+    assert len(list(scorer.score(sorted(image_dir.iterdir())))) == 4
+    assert seen == [1, 1] and torch.get_num_threads() == before

@@ -199,6 +199,17 @@ def default_workers(n_items: int) -> int:
     return max(1, min(8, available_cpus() - 1))
 
 
+def encoder_threads(device: torch.device, workers: int) -> int | None:
+    """torch threads for the encoder loop while `workers` decode processes run beside it (CPU only):
+    the cores the workers leave, at most what torch would use. Why: an OpenMP parallel region is as
+    fast as its slowest thread, and a thread sharing its core with a busy decode worker spins at
+    every barrier - on 2 cores, 2 threads + 1 worker ran the batch 4-5x slower than 1 thread + 1
+    worker (benchmarks/RESULTS.md). None: leave torch's setting alone."""
+    if device.type != "cpu" or workers <= 0:
+        return None
+    return max(1, min(torch.get_num_threads(), available_cpus() - workers))
+
+
 def _encoded(item: PreparedImage, emb: torch.Tensor, features: np.ndarray | None = None) -> EncodedImage:
     meta = item.meta
     size = tuple(meta["size"]) if meta.get("size") else None
@@ -274,8 +285,23 @@ def encode_images(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc="images", unit="img")
+    loader = _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options)
+    threads, before = encoder_threads(backbone.device, loader.num_workers), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield from _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+    if bar is not None:
+        bar.close()
+
+
+def _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar):
+    """encode_images' loop: one forward pass per batch of the loader, results in input order."""
     n_variants = len(variants)
-    for batch in _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options):
+    for batch in loader:
         items: list[PreparedImage] = batch["items"]
         fresh = [it for it in items if it.error is None and it.cached is None]
         emb = feats = None
@@ -297,8 +323,6 @@ def encode_images(
                 yield _encoded(it, emb[k], None if feats is None else feats[k])
         if bar is not None:
             bar.update(len(items))
-    if bar is not None:
-        bar.close()
 
 
 def _store_batch(cache: ImageEmbeddingCache, lookup: _StoreLookup, fresh: list[PreparedImage], emb, variants,

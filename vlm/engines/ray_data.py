@@ -63,7 +63,9 @@ class ModelSpec:
 
 
 class _Prepare:
-    """CPU stage (a Ray task per block): `prepare_image` for each path of a batch."""
+    """CPU stage (a Ray task per block): `prepare_image` for each path of a chunk (one input row = the
+    `batch_size` paths of one encoder batch, so the replicas see the local engine's batches exactly:
+    the same rows in each forward pass, hence the same floating-point results)."""
 
     def __init__(self, variants, size, mean, std, load_options, lookup):
         self.args = (variants, size, mean, std, load_options, lookup)
@@ -72,12 +74,14 @@ class _Prepare:
         from ..scoring import prepare_image
 
         variants, size = self.args[0], self.args[1]
-        items = [prepare_image(str(p), *self.args) for p in batch["path"]]
+        index = np.concatenate([np.asarray(i, dtype=np.int64) for i in batch["i"]])
+        paths = np.array([str(p) for chunk in batch["path"] for p in chunk], dtype=object)
+        items = [prepare_image(p, *self.args) for p in paths]
         pixels = np.zeros((len(items), len(variants), 3, size, size), np.float32)
         for k, it in enumerate(items):
             if it.pixels is not None:
                 pixels[k] = it.pixels.numpy()
-        return {"i": batch["i"], "path": batch["path"], "pixels": pixels,
+        return {"i": index, "path": paths, "pixels": pixels,
                 "fresh": np.array([it.pixels is not None for it in items]),
                 "cached": np.array([b"" if it.cached is None else np.asarray(it.cached, np.float32).tobytes()
                                     for it in items], dtype=object),
@@ -95,7 +99,11 @@ class _Encoder:
     """A model replica (a Ray actor): pixels of the fresh rows -> embeddings, all variants in one forward pass
     (and, with `variants` given, the OOD guard's stage features of their 'original' rows in that pass)."""
 
-    def __init__(self, spec: ModelSpec, variants: list[str] | None = None):
+    def __init__(self, spec: ModelSpec, variants: list[str] | None = None, threads: int | None = None):
+        if threads:  # else Ray's own rule: OMP/torch threads = the actor's num_cpus (1 on CPU)
+            import torch
+
+            torch.set_num_threads(threads)
         self.backbone = spec.load()
         self.backbone.module.eval()
         self.variants = variants  # None: no stage features wanted
@@ -137,14 +145,18 @@ def _init_ray(address: str | None, num_cpus: int | None):
 
 @register_engine("ray")
 class RayEngine:
-    """address None: a local Ray instance (num_cpus: its CPUs, default all); num_workers: model replicas."""
+    """address None: a local Ray instance (num_cpus: its CPUs, default all); num_workers: model replicas;
+    threads_per_worker: torch threads of a CPU replica (default Ray's: its num_cpus, 1 - the other CPUs
+    run the read/preprocess tasks, and more threads than free cores make torch spin, see
+    `vlm.scoring.encoder_threads`)."""
 
     encoder_class = _Encoder  # the replica; a subclass may wrap it (tests kill one mid-batch)
 
     def __init__(self, address: str | None = None, num_workers: int | None = None, num_cpus: int | None = None,
-                 gpus_per_worker: float | None = None):
+                 gpus_per_worker: float | None = None, threads_per_worker: int | None = None):
         self.address, self.num_workers, self.num_cpus = address, num_workers, num_cpus
         self.gpus_per_worker = gpus_per_worker
+        self.threads_per_worker = threads_per_worker
 
     def dataset(self, scorer, paths):
         ray = _init_ray(self.address, self.num_cpus)
@@ -158,14 +170,17 @@ class RayEngine:
         gpus = self.gpus_per_worker
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        ds = ray.data.from_items([{"i": i, "path": str(p)} for i, p in enumerate(paths)],
-                                 override_num_blocks=max(1, min(len(paths) // max(1, scorer.batch_size), 200)))
+        size = max(1, scorer.batch_size)
+        chunks = [{"i": list(range(a, min(a + size, len(paths)))), "path": paths[a:a + size]}
+                  for a in range(0, len(paths), size)]
+        ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 200)))
         ds = ds.map_batches(_Prepare, fn_constructor_args=(scorer.variants, b.image_size, b.mean, b.std,
                                                            scorer.load_options, lookup),
-                            batch_size=scorer.batch_size, concurrency=(1, max(1, int(ray.cluster_resources().get(
-                                "CPU", 1)))), num_cpus=1)
+                            batch_size=1, concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+                            num_cpus=1)
         features = scorer.variants if scorer.wants_ood_features else None
-        return ds.map_batches(self.encoder_class, fn_constructor_args=(ModelSpec.of(scorer), features),
+        args = (ModelSpec.of(scorer), features, self.threads_per_worker)
+        return ds.map_batches(self.encoder_class, fn_constructor_args=args,
                               batch_size=scorer.batch_size, concurrency=self.num_workers or 1, num_gpus=gpus,
                               num_cpus=0 if gpus else 1)
 
