@@ -1,6 +1,7 @@
 """Performance suite: the batch engine against the naive pipeline and the hardware bounds.
 
-    python benchmarks/bench_perf.py [--data ../shared/data/nih14] [--n 48] [--repeats 3] [--only a,b,c,d,e]
+    python benchmarks/bench_perf.py [--data ../shared/data/nih14] [--n 400] [--naive-n 24] [--repeats 1]
+                                    [--only a,c,d,e,r] [--mem-sizes 1000,10000] [--ray-n 400]
 
 (a) end-to-end `vlm-xray batch` images/s (decode -> variants -> encode -> score -> reports, findings
     written), 1 and 5 variants, whole process (start-up + model load) included, cold embedding store
@@ -10,6 +11,7 @@
 (c) encoder-only images/s on pre-decoded tensors, FLOPs per image, share of this machine's measured
     fp32 matmul rate (the practical CPU peak)
 (d) decode + variants + preprocessing only (the DataLoader stage), images/s
+(r) `vlm-xray batch --engine ray` (local Ray instance) vs the local engine, same list, whole process
 (e) peak RSS of `vlm-xray batch` for a 1,000- and a 10,000-entry list (repeated images as hard links,
     store warmed with the distinct images) and of the engine alone (scorer.score streaming)
 
@@ -205,14 +207,14 @@ def bench_decode(paths, repeats) -> dict:
     return out
 
 
-def bench_memory(paths, root: Path, sizes=(1000, 10000)) -> dict:
+def bench_memory(paths, root: Path, sizes=(1000, 10000), stream: bool = False) -> dict:
     """(e) peak RSS of `vlm-xray batch` (defaults: OOD guard on, reports, index) at 1k and 10k inputs.
 
     The inputs are hard links of the sample images (distinct paths and report names, same content) and
     the store is warmed first with the distinct images, so every entry is a store hit by content: the
     run measures what grows with the list - per-image reports, the index, findings, the batch's own
-    bookkeeping - without 10k encoder passes (which hold only the batches in flight anyway). Also the
-    engine alone streaming the same list (scorer.score, nothing kept)."""
+    bookkeeping - without 10k encoder passes (which hold only the batches in flight anyway). stream:
+    also the engine alone streaming the same list (scorer.score, nothing kept)."""
     links = root / "links"
     links.mkdir(exist_ok=True)
     env = fresh_env(root, "mem")
@@ -234,14 +236,16 @@ def bench_memory(paths, root: Path, sizes=(1000, 10000)) -> dict:
         reports = sum(1 for _ in (root / f"mem{n}" / "reports").glob("*.json"))
         if reports != n:
             raise RuntimeError(f"(e): {n} inputs but {reports} reports")
-        streamed = run([sys.executable, str(HERE / "bench_perf.py"), "--stream-rss", str(lst)], env)
         out[str(n)] = {"batch_peak_rss_mb": batched["peak_rss_mb"], "batch_cpu_s": batched["cpu_s"],
-                       "batch_wall_s": batched["wall_s"], "reports": reports,
-                       "engine_stream_peak_rss_mb": streamed["peak_rss_mb"], "engine_stream_cpu_s": streamed["cpu_s"]}
+                       "batch_wall_s": batched["wall_s"], "reports": reports}
+        if stream:
+            streamed = run([sys.executable, str(HERE / "bench_perf.py"), "--stream-rss", str(lst)], env)
+            out[str(n)].update(engine_stream_peak_rss_mb=streamed["peak_rss_mb"], engine_stream_cpu_s=streamed["cpu_s"])
         shutil.rmtree(root / f"mem{n}")
     lo, hi = (str(n) for n in (min(sizes), max(sizes)))
     out["batch_ratio_10k_1k"] = out[hi]["batch_peak_rss_mb"] / out[lo]["batch_peak_rss_mb"]
-    out["engine_ratio_10k_1k"] = out[hi]["engine_stream_peak_rss_mb"] / out[lo]["engine_stream_peak_rss_mb"]
+    if stream:
+        out["engine_ratio_10k_1k"] = out[hi]["engine_stream_peak_rss_mb"] / out[lo]["engine_stream_peak_rss_mb"]
     return out
 
 
@@ -267,13 +271,21 @@ def model_identity() -> dict:
     return {"name": b.name, "fingerprint": b.fingerprint, "image_size": b.image_size, "tower": tower}
 
 
-def shares(e2e: dict, enc: dict) -> dict:
-    """End-to-end images/s as a share of the encoder-only bound (wall clock, same machine, minutes apart)."""
+def shares(e2e: dict, enc: dict, dec: dict | None) -> dict:
+    """End-to-end images/s as a share of the encoder-only bound (wall clock, same machine, minutes apart),
+    and of the pipeline bound: on 2 CPUs the encoder (1 thread) and the decode worker each get a core,
+    so the pipeline cannot beat the slower of the two."""
     n = e2e["n_images"]
     out = {"whole_process_5v": n / e2e["engine_5v"]["wall_s"] / enc["images_per_s_5v"],
            "whole_process_1v": n / e2e["engine_1v"]["wall_s"] / enc["images_per_s_1v"]}
-    if e2e.get("steady_images_per_wall_s_5v"):
-        out["steady_5v_startup_excluded"] = e2e["steady_images_per_wall_s_5v"] / enc["images_per_s_5v"]
+    steady = e2e.get("steady_images_per_wall_s_5v")
+    if steady:
+        out["steady_5v_startup_excluded"] = steady / enc["images_per_s_5v"]
+    if dec and "1" in enc.get("by_threads", {}):
+        bound = min(enc["by_threads"]["1"]["images_per_s_5v"], dec["images_per_s_5v"])
+        out["pipeline_bound_5v_images_per_s"] = bound
+        if steady:
+            out["steady_5v_share_of_pipeline_bound"] = steady / bound
     return out
 
 
@@ -297,6 +309,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--naive-n", type=int, default=6)
     ap.add_argument("--mem-sizes", default="1000,10000", help="(e): list sizes")
+    ap.add_argument("--mem-stream", action="store_true", help="(e): also the engine alone, streaming")
     ap.add_argument("--ray-n", type=int, default=200, help="(r): images for Ray vs local")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--only", default="a,c,d,e,r")
@@ -309,6 +322,7 @@ def main() -> None:
     only = set(args.only.split(","))
     out_file = Path(args.out)
     results = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    results.pop("end_to_end_share_of_encoder_bound_5v_cpu", None)  # an earlier version's key
     results["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "gpu": "none in this session",
                           "model": model_identity(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
@@ -316,7 +330,7 @@ def main() -> None:
         steps = {"a": ("end_to_end", lambda: bench_end_to_end(paths, args.naive_n, args.repeats, root)),
                  "c": ("encoder", lambda: bench_encoder(paths, args.repeats)),
                  "d": ("decode", lambda: bench_decode(paths, args.repeats)),
-                 "e": ("memory", lambda: bench_memory(paths, root, tuple(map(int, args.mem_sizes.split(","))))),
+                 "e": ("memory", lambda: bench_memory(paths, root, tuple(map(int, args.mem_sizes.split(","))), args.mem_stream)),
                  "r": ("ray", lambda: bench_ray(images(Path(args.data), args.ray_n), args.repeats, root))}
         for key in "acder":
             if key in only:
@@ -328,7 +342,7 @@ def main() -> None:
                 print(f"## {name} ({time.perf_counter() - t:.0f} s)\n{table(results[name])}\n", flush=True)
                 out_file.write_text(json.dumps(results, indent=2) + "\n")
     if "end_to_end" in results and "encoder" in results:
-        results["shares_of_encoder_bound"] = shares(results["end_to_end"], results["encoder"])
+        results["shares_of_encoder_bound"] = shares(results["end_to_end"], results["encoder"], results.get("decode"))
         out_file.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out_file}")
 
