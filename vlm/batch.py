@@ -23,6 +23,11 @@ batch folder: anything else is refused). An output folder that cannot be written
 disk full - stops the batch at once with one `BatchOutputError` line (exit code 2); finished
 reports are kept.
 
+Memory does not grow with the list (beyond the input paths): a finished image's result is dropped
+once its report is written; what the index, findings and charts need is spooled as one compact record
+per image to a temporary file in the output folder and streamed back, in input order, at the end.
+`BatchSummary.results` reads the results back from the reports.
+
 Exit codes (`BatchSummary.exit_code`, for the CLI): 0 every input scored, 1 some input failed or was
 listed in errors.csv; usage, model and output-folder errors are exceptions (exit code 2).
 """
