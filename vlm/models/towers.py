@@ -153,8 +153,9 @@ class ConvBodyAttn(nn.Module):
         self.global_pool = global_pool
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         self.default_cfg = self.pretrained_cfg = {"pool_size": None, "num_classes": num_classes}
-        # the body's output map is what Grad-CAM explains (vlm.explain reads feature_info[-1])
-        self.feature_info = [{"module": "body", "num_chs": dim, "reduction": 32}]
+        # the body's stages, as the body itself lists them: the OOD guard pools their outputs, Grad-CAM
+        # explains the last one (gradients flow back through the new blocks)
+        self.feature_info = [{**f, "module": f"body.{f['module']}"} for f in self.body.feature_info]
         for m in self.blocks.modules():
             ConvViT._init(m)
 

@@ -60,6 +60,7 @@ def _portable(cmd: str | None) -> str:
     if not cmd:
         return "(Python API)"
     cmd = re.sub(r"\S*/shared/data/", "../shared/data/", cmd)
+    cmd = re.sub(r"--base \S*/([^/\s]+)", r"--base V1/\1", cmd)  # the stage-1 folder, wherever it was
     return re.sub(r"(--out|--cache-dir) (\S*/)?([^/\s]+)", r"\1 \3", cmd)
 
 
