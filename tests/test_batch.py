@@ -402,3 +402,17 @@ def test_batch_streams_results_instead_of_keeping_them(backbone, inputs, tmp_pat
     s = run_batch(make_scorer(backbone), [str(corrupt)], tmp_path / "none", progress=False)
     assert s.scored == 0 and json.loads((tmp_path / "none" / "findings.json").read_text()) == []
     assert read_csv(tmp_path / "none" / "findings.csv") == []
+
+
+def test_thread_writer_fallback_writes_the_same_batch(backbone, inputs, tmp_path, monkeypatch):
+    """Where fork is missing the reports are written by a thread: the same findings and errors, byte for byte."""
+    from vlm.engines import ProcessWriter
+
+    image_dir, corrupt, _ = inputs
+    args = ([str(image_dir), str(corrupt)],)
+    run_batch(make_scorer(backbone), *args, tmp_path / "proc", threshold=0.4, progress=False, chunk_size=2)
+    monkeypatch.setattr(ProcessWriter, "available", staticmethod(lambda: False))
+    s = run_batch(make_scorer(backbone), *args, tmp_path / "thread", threshold=0.4, progress=False, chunk_size=2)
+    assert s.scored == 5 and len(s.failed) == 1
+    for name in ("findings.csv", "findings.json", "errors.csv"):
+        assert (tmp_path / "thread" / name).read_bytes() == (tmp_path / "proc" / name).read_bytes()

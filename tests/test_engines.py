@@ -300,3 +300,34 @@ def test_encoder_threads_leave_the_decode_workers_their_cores(backbone, image_di
     scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original", num_workers=1, batch_size=2)
     assert len(list(scorer.score(sorted(image_dir.iterdir())))) == 4
     assert seen == [1, 1] and torch.get_num_threads() == before
+
+
+def _square_or_fail(x):
+    if x == 7:
+        raise OSError("disk full")
+    return x * x
+
+
+def _square_and_pid(x):
+    return x * x, os.getpid()
+
+
+def test_process_writer_runs_in_a_child_in_order_and_raises_its_error():
+    from vlm.engines import ProcessWriter
+
+    got = []
+    with ProcessWriter(_square_and_pid, lambda item, value: got.append((item, value)),
+                       max_pending=3) as w:
+        for i in range(20):
+            w.submit(i, i)
+        w.submit("no work")  # no args: only through done, in its turn
+    assert [item for item, _ in got] == [*range(20), "no work"]
+    assert [v[0] for _, v in got[:20]] == [i * i for i in range(20)] and got[-1][1] is None
+    assert {v[1] for _, v in got[:20]} != {os.getpid()}  # rendered in another process
+
+    w = ProcessWriter(_square_or_fail, lambda item, value: None, max_pending=2)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(30):
+            w.submit(i, i)
+        w.close()
+    w._pool.shutdown(cancel_futures=True)

@@ -498,27 +498,43 @@ def _resume(run: _Run, paths: list[Path]) -> list[Path]:
     return todo
 
 
-def _record(run: _Run, out) -> None:
+def _prepare(run: _Run, out) -> str:
+    """Name the input as text and add the batch's fields to a result; returns the input's key."""
     key = str(out.image)
     out.image = printable_path(key)  # outputs name the input as text; `key` is the path itself
     if isinstance(out, ImageFailure):
-        run.failures[key] = out
-        return
+        return key
+    if out.view is None and key in run.views:
+        out.view = run.views[key]  # the input list's view column, when the image has none
+    out.extra["model_fingerprint"] = run.sig["model_fingerprint"]
+    if run.sig["input_options"] is not None:
+        out.extra["input_options"] = run.sig["input_options"]
+    out.extra["clinical"] = run.clinical
+    out.extra.update(ood_mode=run.sig["ood_mode"], heatmap_setting=run.sig["heatmap_setting"])
+    return key
+
+
+def _report_task(result: ImageResult, reports_dir: Path, name: str, model: dict, clinical: str | None,
+                 plotly_src: str) -> str | None:
+    """Write one image's report (in the writer, possibly a child process): None, or why it failed."""
     try:
-        if out.view is None and key in run.views:
-            out.view = run.views[key]  # the input list's view column, when the image has none
-        out.extra["model_fingerprint"] = run.sig["model_fingerprint"]
-        if run.sig["input_options"] is not None:
-            out.extra["input_options"] = run.sig["input_options"]
-        out.extra["clinical"] = run.clinical
-        out.extra.update(ood_mode=run.sig["ood_mode"], heatmap_setting=run.sig["heatmap_setting"])
-        write_report(out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src)
+        write_report(result, reports_dir, name, model, clinical, plotly_src)
     except OSError:
         raise  # the output folder is failing: stop (see _output_errors), do not blame the image
     except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
-        run.failures[key] = ImageFailure(out.image, f"report failed: {type(e).__name__}: {e}")
+        return f"report failed: {type(e).__name__}: {e}"
+    return None
+
+
+def _finish(run: _Run, key: str, result: ImageResult | ImageFailure, error: str | None) -> None:
+    """Record a written report (or its failure, or the input's failure) - in the writer's `done`, in order."""
+    if isinstance(result, ImageFailure):
+        run.failures[key] = result
         return
-    run.collected.add(key, out, run.names[key])
+    if error is not None:
+        run.failures[key] = ImageFailure(result.image, error)
+        return
+    run.collected.add(key, result, run.names[key])
     run.summary.scored += 1
 
 
@@ -534,10 +550,25 @@ def _add_heatmaps(run: _Run, result: ImageResult) -> None:
         result.input_warnings.append(f"heatmaps could not be made: {e}")
 
 
+def _writer(done):
+    """The report writer: a child process where fork exists (rendering then does not share this process's
+    GIL with the encoder loop), else a thread. `submit(item, *task_args)`; `done(item, error)` here."""
+    from .engines import BackgroundWriter, ProcessWriter
+
+    if ProcessWriter.available():
+        return ProcessWriter(_report_task, done)
+
+    class _Threaded(BackgroundWriter):
+        def submit(self, item, *args) -> None:
+            super().submit((item, args))
+
+    return _Threaded(lambda job: done(job[0], _report_task(*job[1]) if job[1] else None))
+
+
 def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress: bool, engine=None) -> None:
     """One streaming pass of `engine` (default: local) over `todo`; reports are written by the background
     writer while the engine encodes, errors.csv again after every `chunk_size` written results."""
-    from .engines import BackgroundWriter, get_engine
+    from .engines import get_engine
 
     bar = None
     if progress and todo:
@@ -547,19 +578,23 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
                    file=sys.stderr, mininterval=0.5)
     written = [0]
 
-    def write(out) -> None:
-        _record(run, out)
+    def done(item, error) -> None:
+        _finish(run, item[0], item[1], error)
         written[0] += 1
         if run.failures and written[0] % max(1, chunk_size) == 0:
             write_errors(run.out_dir, all_failures())
         if bar is not None:
             bar.update(1)
 
-    with BackgroundWriter(write) as writer:
+    with _writer(done) as writer:
         for out in (engine or get_engine("local")).results(run.scorer, todo, run.threshold):
             if run.sig["heatmap_setting"] and isinstance(out, ImageResult):
-                _add_heatmaps(run, out)  # here, not in the writer thread: it runs the model
-            writer.submit(out)
+                _add_heatmaps(run, out)  # here, not in the writer: it runs the model
+            key = _prepare(run, out)
+            if isinstance(out, ImageFailure):
+                writer.submit((key, out))  # no report: recorded in its turn
+                continue
+            writer.submit((key, out), out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src)
     if run.failures:
         write_errors(run.out_dir, all_failures())
     if bar is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol
 
-from .writer import BackgroundWriter  # noqa: F401 - part of the package's interface
+from .writer import BackgroundWriter, ProcessWriter  # noqa: F401 - part of the package's interface
 
 
 class Engine(Protocol):

@@ -1,5 +1,6 @@
-"""The background writer: results are written (Jinja reports, plotly charts, JSON) on a thread, so the
-encoder loop never waits on them.
+"""The background writers: results are written (Jinja reports, plotly charts, JSON) on a thread
+(`BackgroundWriter`) or a child process (`ProcessWriter`, what `vlm-xray batch` uses where fork
+exists), so the encoder loop does not wait on them.
 
 A bounded queue keeps memory flat (a slow disk slows the producer instead of piling up results); the
 first error in the writer stops the run: it is raised in the producing thread at the next `submit`
@@ -58,4 +59,56 @@ class BackgroundWriter:
         else:  # the producer failed: stop the thread, keep the producer's exception
             self._queue.put(_DONE)
             self._thread.join()
+        return False
+
+
+class ProcessWriter:
+    """The same contract as `BackgroundWriter`, with the work done in a forked child process: report
+    rendering (Jinja, plotly's figure objects: pure Python, ~30 ms a report) then runs beside the
+    encoder loop instead of taking turns with it on this process's GIL.
+
+    `work(*args)` runs in the child; `done(item, value)` runs here, in submission order, with what it
+    returned (an item submitted without args only goes through `done`, with None, in its turn). At most `max_pending` submissions are in flight (memory stays flat; a slow disk slows the
+    producer). The child's first exception is raised here at the next `submit` or at `close`, never
+    swallowed. Forked, so the child sees this process's state at the time the writer is made (made
+    before the engine starts its own workers and threads). `available()`: fork exists (Linux)."""
+
+    def __init__(self, work: Callable, done: Callable[[object, object], None], max_pending: int = 32):
+        import multiprocessing
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        self._work, self._done, self._max = work, done, max(1, max_pending)
+        self._pending: deque = deque()
+
+    @staticmethod
+    def available() -> bool:
+        import multiprocessing
+        import sys
+
+        return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+    def submit(self, item, *args) -> None:
+        self._pending.append((item, self._pool.submit(self._work, *args) if args else None))
+        self._reap(wait=False)
+
+    def _reap(self, wait: bool) -> None:
+        while self._pending and (wait or len(self._pending) > self._max or self._pending[0][1] is None
+                                 or self._pending[0][1].done()):
+            item, future = self._pending.popleft()
+            self._done(item, None if future is None else future.result())  # the child's exception is raised here
+
+    def close(self) -> None:
+        self._reap(wait=True)
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ProcessWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if kind is None:
+            self.close()
+        else:  # the producer failed: drop what is queued, keep the producer's exception
+            self._pool.shutdown(wait=True, cancel_futures=True)
         return False
