@@ -306,6 +306,25 @@ def targets(out: dict) -> list[tuple[str, str, bool]]:
     ]
 
 
+def reading_notes(out: dict) -> list[str]:
+    """Bounds the run's own CPU numbers put on the two ratios: on a CPU-bound machine, throughput is
+    cores / CPU-per-request, so batching can gain at most the ratio of the two servers' CPU per
+    request; and by Little's law, 8 closed-loop clients wait about clients x CPU-per-request / cores."""
+    b, u = out["batched"], out["unbatched"]
+    cores = os.cpu_count() or 1
+    cpu_b, cpu_u = b["cpu_ms_per_request"]["server"], u["cpu_ms_per_request"]["server"]
+    floor = b["clients"] * cpu_b / 1000 / cores / b["single_request_s"]
+    used = round(cpu_b / 1000 * b["requests"] / b["wall_s"], 2)
+    return [f"- Server CPU per request: {cpu_b} ms micro-batched, {cpu_u} ms unbatched. When both servers are "
+            f"CPU-bound the throughput ratio tends to {round(cpu_u / cpu_b, 2)}x (the CPU saved per request), "
+            "whatever the batch size.",
+            f"- The micro-batched server used {used} of the {cores} cores while loaded (CPU seconds per second); the "
+            "rest went to other jobs on the shared machine and the load generator.",
+            f"- With all {cores} cores free for it, {b['clients']} clients x {cpu_b} ms / {cores} cores would put the "
+            f"mean latency at about {round(floor, 1)}x the single-request latency; the measured p95 is "
+            f"{out['p95_over_single']}x."]
+
+
 def write_markdown(out: dict, path: Path) -> None:
     b, u, h = out["batched"], out["unbatched"], out["healthz_under_heatmaps"]
     rows = [("throughput (good req/s)", "throughput_rps"), ("single request (s, idle, median of 8)", "single_request_s"),
@@ -337,6 +356,7 @@ def write_markdown(out: dict, path: Path) -> None:
               f"{h['heatmap_statuses']}.", "",
               "| target (issue #12) | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets(out)]
+    lines += ["", "How to read the throughput and latency ratios (numbers from this run):", ""] + reading_notes(out)
     lines += ["",
               f"Load average (1 / 5 / 15 min) of the shared machine at the start: {out['load_average_at_start']}, "
               f"at the end: {out['load_average_at_end']} (2 cores). "
