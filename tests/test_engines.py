@@ -331,3 +331,33 @@ def test_process_writer_runs_in_a_child_in_order_and_raises_its_error():
             w.submit(i, i)
         w.close()
     w._pool.shutdown(cancel_futures=True)
+
+
+KILLED_PARENT = """
+import os, sys, time
+from vlm.engines import ProcessWriter
+w = ProcessWriter(time.sleep, lambda item, value: None)
+w.submit(0, 0.01)
+w.close.__self__._reap(wait=True)
+print(list(w._pool._processes)[0], flush=True)
+time.sleep(60)
+"""
+
+
+def test_process_writer_child_exits_when_the_batch_is_killed(tmp_path):
+    import signal
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the writer's child outlived the killed batch process")

@@ -8,8 +8,10 @@ or at `close`, never swallowed.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from typing import Callable
 
 _DONE = object()
@@ -62,6 +64,18 @@ class BackgroundWriter:
         return False
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In the writer's child: exit when the batch process is gone (killed: SIGKILL leaves no chance to
+    stop the child, and a forked child holds both ends of its task pipe, so it would wait forever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="vlm-writer-watchdog", daemon=True).start()
+
+
 class ProcessWriter:
     """The same contract as `BackgroundWriter`, with the work done in a forked child process: report
     rendering (Jinja, plotly's figure objects: pure Python, ~30 ms a report) then runs beside the
@@ -78,7 +92,8 @@ class ProcessWriter:
         from collections import deque
         from concurrent.futures import ProcessPoolExecutor
 
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_exit_with_parent, initargs=(os.getpid(),))
         self._work, self._done, self._max = work, done, max(1, max_pending)
         self._pending: deque = deque()
 
