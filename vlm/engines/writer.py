@@ -8,11 +8,14 @@ or at `close`, never swallowed.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 import time
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 _DONE = object()
 
@@ -124,6 +127,13 @@ class ProcessWriter:
     def __exit__(self, kind, value, tb) -> bool:
         if kind is None:
             self.close()
-        else:  # the producer failed: drop what is queued, keep the producer's exception
+            return False
+        # the producer failed (or was interrupted): finish what was submitted, as the thread writer does,
+        # so a resumed run finds those reports; the producer's exception is the one raised
+        try:
+            self._reap(wait=True)
+        except Exception as e:  # noqa: BLE001 - secondary to the producer's exception, which propagates
+            logger.error("report writer failed while stopping after an error: %s: %s", type(e).__name__, e)
+        finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
         return False
