@@ -257,3 +257,21 @@ def test_adapter_folder_is_written_whole_and_never_over_a_foreign_folder(tmp_pat
     with pytest.raises(ValueError, match="not an adapter folder"):
         _save(foreign, head, ls)
     assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8"
+
+
+def test_selection_auc_is_within_source_where_possible():
+    """A score that only separates sources gets 0.5 within source; a cross-source-only label keeps one-vs-rest."""
+    import numpy as np
+
+    from vlm.metrics import selection_auc, source_stratified_auc
+
+    y = np.array([1, 1, 0, 0, 0, 0])
+    src = np.array(["a", "a", "a", "a", "b", "b"])
+    source_cue = np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0])  # separates a from b, not disease within a
+    assert source_stratified_auc(y, source_cue, None) > 0.8
+    assert source_stratified_auc(y, source_cue, src) == 0.5
+    only_b = np.array([0, 0, 0, 0, 1, 1])  # every positive from b, which has no negatives
+    assert source_stratified_auc(only_b, 1 - source_cue, src) == 1.0
+    t = np.stack([y, only_b], 1)
+    p = np.stack([source_cue, 1 - source_cue], 1)
+    assert selection_auc(t, p, src) == 0.75

@@ -269,14 +269,38 @@ def label_aucs(targets: np.ndarray, probs: np.ndarray, label_set) -> dict[str, f
     return out
 
 
-def _mean_column_auc(targets: np.ndarray, probs: np.ndarray) -> float | None:
-    vals = [roc_auc(targets[:, j], probs[:, j]) for j in range(targets.shape[1])]
+def source_stratified_auc(y: np.ndarray, s: np.ndarray, sources: np.ndarray | None) -> float | None:
+    """AUC over (positive, negative) pairs from the same source only (pair-weighted mean of the
+    per-source AUCs); the plain AUC when no source holds both classes or `sources` is None.
+    A label whose every positive comes from a source without negatives (cross-source only)
+    therefore keeps its one-vs-rest AUC: there is nothing within source to measure."""
+    if sources is None:
+        return roc_auc(y, s)
+    y = np.asarray(y).astype(bool)
+    num = den = 0.0
+    for src in set(np.asarray(sources)[y]):
+        m = np.asarray(sources) == src
+        n_pos, n_neg = int(y[m].sum()), int((~y[m]).sum())
+        if n_pos and n_neg:
+            num += roc_auc(y[m], s[m]) * n_pos * n_neg
+            den += n_pos * n_neg
+    return num / den if den else roc_auc(y, s)
+
+
+def _mean_column_auc(targets: np.ndarray, probs: np.ndarray, sources: np.ndarray | None = None) -> float | None:
+    vals = [source_stratified_auc(targets[:, j], probs[:, j], sources) for j in range(targets.shape[1])]
     vals = [v for v in vals if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
+def selection_auc(targets: np.ndarray, probs: np.ndarray, sources: np.ndarray | None = None) -> float | None:
+    """The macro AUC few-shot selection maximises: within source wherever the selection data allow
+    (so an adapter is not chosen for recognising collections), one-vs-rest elsewhere."""
+    return _mean_column_auc(np.asarray(targets), np.asarray(probs), sources)
+
+
 def confident_gain(targets: np.ndarray, p_new: np.ndarray, p_ref: np.ndarray, label_set=None, n_boot: int = 200,
-                   seed: int = 0, quantile: float = 0.1) -> tuple[float, float]:
+                   seed: int = 0, quantile: float = 0.1, sources: np.ndarray | None = None) -> tuple[float, float]:
     """(mean per-column AUC gain of p_new over p_ref, its `quantile` over a paired bootstrap of the rows).
 
     Few-shot selection data are small: a candidate should replace zero-shot only when its gain
@@ -284,13 +308,15 @@ def confident_gain(targets: np.ndarray, p_new: np.ndarray, p_ref: np.ndarray, la
     accepted for the callers' symmetry; the gain is over the (N, L) columns as given."""
     targets = np.asarray(targets)
     p_new, p_ref = np.asarray(p_new), np.asarray(p_ref)
-    gain = _mean_column_auc(targets, p_new) - _mean_column_auc(targets, p_ref)
+    src = None if sources is None else np.asarray(sources)
+    gain = _mean_column_auc(targets, p_new, src) - _mean_column_auc(targets, p_ref, src)
     rng = np.random.default_rng(seed)
     n = len(targets)
     gains = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        a, b = _mean_column_auc(targets[idx], p_new[idx]), _mean_column_auc(targets[idx], p_ref[idx])
+        s_idx = None if src is None else src[idx]
+        a, b = _mean_column_auc(targets[idx], p_new[idx], s_idx), _mean_column_auc(targets[idx], p_ref[idx], s_idx)
         if a is not None and b is not None:
             gains.append(a - b)
     lower = float(np.quantile(gains, quantile)) if gains else float("-inf")

@@ -30,7 +30,7 @@ from torch import nn
 from ..data import LabelledData
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
-from ..metrics import auc_metrics, confident_gain
+from ..metrics import confident_gain, selection_auc
 from ..models import Backbone
 from ..prompt_classifier import build_prompt_classifier, text_classifier
 from ..transforms import model_tensors
@@ -488,11 +488,13 @@ def _training_data(backbone: Backbone, train: LabelledData, val: LabelledData | 
     if not pixels:
         raise ValueError(f"{train.csv_path}: none of the {len(train)} training images could be read")
     y_train = torch.from_numpy(train.targets[keep]).float()
-    val_x = val_t = None
+    val_x = val_t = val_sources = None
     if val is not None and len(val):
         vpx, vkeep = load_pixels(val.paths)
         val_x, val_t = _tensors(backbone, vpx), val.targets[vkeep]
-    return pixels, y_train, val_x, val_t
+        sources = val.column("source")
+        val_sources = np.array([sources[i] for i in vkeep], dtype=object) if any(sources) else None
+    return pixels, y_train, (val_x, val_t, val_sources)
 
 
 def _optimiser(module: nn.Module, head: PromptHead, scales, train_head: bool, st: LoraSettings, n: int):
@@ -552,7 +554,7 @@ def train_lora(
     head.weight.requires_grad_(train_head)
     trainable, total, breakdown = _log_trainable(module, head, names, scales, train_head, st)
 
-    pixels, y_train, val_x, val_t = _training_data(backbone, train, val)
+    pixels, y_train, (val_x, val_t, val_sources) = _training_data(backbone, train, val)
     n = len(pixels)
     opt, sched, total_steps, steps_per_epoch = _optimiser(module, head, scales, train_head, st, n)
 
@@ -570,7 +572,7 @@ def train_lora(
             emb = encode_tensors(module, val_x)
             probs = head.probabilities_from(emb, w).mean(1).cpu().numpy()
         val_probs[epoch] = probs
-        return auc_metrics(val_t, probs, label_set)["macro_auc"]
+        return selection_auc(val_t, probs, val_sources)
 
     def snapshot():
         return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k or k in scales}, \
@@ -634,7 +636,7 @@ def train_lora(
         bar.close()
     wise = None
     if val_x is not None:
-        choice = _keep_or_fall_back(module, head, (val_x, val_t, val_probs[0]), label_set, st, zero_shot_state,
+        choice = _keep_or_fall_back(module, head, (val_x, val_t, val_probs[0], val_sources), label_set, st, zero_shot_state,
                                     best_state, best_epoch, best_auc, zero_shot_auc, current_weight)
         best_epoch, best_auc, wise = choice
     else:
@@ -661,7 +663,7 @@ def _keep_or_fall_back(module, head, val, label_set, st: LoraSettings, zero_stat
     """Load the kept adapter into module/head: the best epoch interpolated toward zero-shot by the
     WiSE-FT amount that scores best on the validation images (ties: the smaller amount), or
     zero-shot itself unless that clearly beats it (gain >= MIN_GAIN, bootstrap 10 % quantile > 0)."""
-    val_x, val_t, zs_probs = val
+    val_x, val_t, zs_probs, val_sources = val
 
     def load(state) -> np.ndarray:
         module.load_state_dict(state[0], strict=False)
@@ -674,10 +676,10 @@ def _keep_or_fall_back(module, head, val, label_set, st: LoraSettings, zero_stat
     if best_epoch > 0:
         for a in sorted(st.wise_alphas):
             probs = load(interpolate_state(zero_state, best_state, a))
-            scores[a] = (auc_metrics(val_t, probs, label_set)["macro_auc"], probs)
+            scores[a] = (selection_auc(val_t, probs, val_sources), probs)
     alpha = max(scores, key=lambda a: (round(scores[a][0], 6), -a)) if scores else 0.0
     if scores:
-        gain, lower = confident_gain(val_t, scores[alpha][1], zs_probs, label_set, seed=st.seed)
+        gain, lower = confident_gain(val_t, scores[alpha][1], zs_probs, label_set, seed=st.seed, sources=val_sources)
         if not (gain >= MIN_GAIN and lower > 0):
             logger.info(f"epoch {best_epoch} at WiSE-FT a={alpha} (val macro AUC {scores[alpha][0]:.4f}) does not "
                         f"reliably beat zero-shot ({zero_shot_auc:.4f}; gain {gain:+.4f}, bootstrap 10% quantile "
