@@ -72,6 +72,25 @@ def image_embeddings(model, pixels: torch.Tensor, mean, std, device, use_amp: bo
     return torch.cat(embs) if embs else torch.zeros(0, model.text.proj.out_features)
 
 
+def validation_summary(run, img: torch.Tensor, n_boot: int = 0) -> dict:
+    """Per label set of `run.val_rows` (image embeddings `img`, in row order): AUCs, their summary
+    and, when `n_boot`, patient-bootstrap intervals. `run` gives label_sets, val_rows, withheld,
+    embed_prompt_texts and model (its logit scale): a stage-1 `TrainingRun` or a stage-2 run."""
+    scale = float(run.model.logit_scale.exp().clamp(max=100))
+    res = {}
+    for sname, ls in run.label_sets.items():
+        sel = [i for i, r in enumerate(run.val_rows) if r.label_set == sname]
+        if not sel:
+            continue
+        rows = [run.val_rows[i] for i in sel]
+        probs = zero_shot_probs(img[sel], ls, run.embed_prompt_texts, scale)
+        aucs = zero_shot_auc(probs, rows, ls)
+        res[sname] = _summary(aucs, rows, ls, run.withheld)
+        if n_boot:
+            res[sname]["auc_ci"] = auc_intervals(probs, rows, ls, aucs, n_boot)
+    return res
+
+
 @torch.no_grad()
 def evaluate(run, n_boot: int = 0) -> dict:
     """{label set: {n, auc, n_pos, mean_auc (non-withheld labels), mean_auc_withheld[, auc_ci]}} on
@@ -79,18 +98,7 @@ def evaluate(run, n_boot: int = 0) -> dict:
     model = run.model
     model.eval()
     img = image_embeddings(model, run.val_px, run.mean, run.std, run.device, run.use_amp)
-    scale = float(model.logit_scale.exp().clamp(max=100))
-    res = {}
-    for sname, ls in run.label_sets.items():
-        sel = [i for i, r in enumerate(run.val_rows) if r.label_set == sname]
-        if not sel:
-            continue
-        vr = [run.val_rows[i] for i in sel]
-        probs = zero_shot_probs(img[sel], ls, run.embed_prompt_texts, scale)
-        aucs = zero_shot_auc(probs, vr, ls)
-        res[sname] = _summary(aucs, vr, ls, run.withheld)
-        if n_boot:
-            res[sname]["auc_ci"] = auc_intervals(probs, vr, ls, aucs, n_boot)
+    res = validation_summary(run, img, n_boot)
     model.train()
     if not run.config.text_lora:
         model.text.eval()

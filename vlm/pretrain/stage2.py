@@ -36,7 +36,6 @@ from .captions import Captions, prompt_bank
 from .checkpoint import WEIGHTS_FILE, load_weights, write_weights
 from .config import parse_data_spec
 from .dataset import check_withheld, load_training_rows, preload_images, split_rows, withhold
-from .evaluation import auc_intervals, zero_shot_auc, zero_shot_probs
 from .extras import epoch_order, lowres_augment, sampling_weights, train_only_rows
 from .losses import multipos_loss, positives
 from .model import TextSide
@@ -263,23 +262,11 @@ def prepare(config: Stage2Config) -> Stage2Run:
 @torch.no_grad()
 def validate(run: Stage2Run, n_boot: int = 0) -> dict:
     """Zero-shot validation per label set, as stage 1 reports it (with intervals when n_boot)."""
-    from .evaluation import _summary
+    from .evaluation import validation_summary
 
     model = run.model.eval()
     img = torch.cat([embed_maps(model, run.val_maps[i:i + 512]) for i in range(0, len(run.val_maps), 512)])
-    scale = float(model.logit_scale.exp().clamp(max=100))
-    res = {}
-    for sname, ls in run.label_sets.items():
-        sel = [i for i, r in enumerate(run.val_rows) if r.label_set == sname]
-        if not sel:
-            continue
-        rows = [run.val_rows[i] for i in sel]
-        probs = zero_shot_probs(img[sel], ls, run.embed_prompt_texts, scale)
-        aucs = zero_shot_auc(probs, rows, ls)
-        res[sname] = _summary(aucs, rows, ls, run.withheld)
-        if n_boot:
-            res[sname]["auc_ci"] = auc_intervals(probs, rows, ls, aucs, n_boot)
-    return res
+    return validation_summary(run, img, n_boot)
 
 
 def optimiser(run: Stage2Run):
