@@ -32,18 +32,22 @@ def _class_image(k: int, seed: int, size: int = 64) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture
-def synth_csv(tmp_path) -> Path:
-    d = tmp_path / "synth"
+def _class_csv(d: Path, per_class: int, source=None) -> Path:
+    """labels.csv + images of the separable classes; `source(name, i)` adds a source column."""
     d.mkdir()
-    rows = ["filename,labels,patient"]
+    rows = ["filename,labels,patient" + (",source" if source else "")]
     for k, name in enumerate(CLASSES):
-        for i in range(6):
+        for i in range(per_class):
             f = f"{name.lower()}_{i}.png"
             PILImage.fromarray(_class_image(k, 100 * k + i)).save(d / f)
-            rows.append(f"{f},{name},p{k}_{i}")
+            rows.append(f"{f},{name},p{k}_{i}" + (f",{source(name, i)}" if source else ""))
     (d / "labels.csv").write_text("\n".join(rows) + "\n")
     return d / "labels.csv"
+
+
+@pytest.fixture
+def synth_csv(tmp_path) -> Path:
+    return _class_csv(tmp_path / "synth", 6)
 
 
 @pytest.fixture
@@ -303,18 +307,10 @@ def test_fewshot_study_scores_within_source_and_head_only(base, tmp_path):
     """With a source column, the study adds within-source AUCs; head-only runs the LoRA path frozen."""
     from vlm.adapt.study import run_study
 
-    d = tmp_path / "sourced"
-    d.mkdir()
-    rows = ["filename,labels,patient,source"]
-    for k, name in enumerate(CLASSES):
-        for i in range(16):
-            f = f"{name.lower()}_{i}.png"
-            PILImage.fromarray(_class_image(k, 100 * k + i)).save(d / f)
-            src = "kermany" if name == "PNEUMONIA" or (name == "NORMAL" and i % 2) else "covidqu"
-            rows.append(f"{f},{name},p{k}_{i},{src}")
-    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    csv_path = _class_csv(tmp_path / "sourced", 16, source=lambda name, i: (
+        "kermany" if name == "PNEUMONIA" or (name == "NORMAL" and i % 2) else "covidqu"))
     ls = load_label_set("chest4")
-    data = load_labelled_csv(d / "labels.csv", ls)
+    data = load_labelled_csv(csv_path, ls)
     res = run_study(base, ls, data, None, shots=[1], methods=["lora", "head-only"], seeds=1,
                     out_dir=tmp_path / "study", eval_fraction=0.6, val_shots=1,
                     settings=LoraSettings(epochs=1, batch_size=8))

@@ -42,6 +42,21 @@ class _InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
+def _add_token_blocks(m: nn.Module, dim: int, grid: int, depth: int, num_heads: int, mlp_ratio: float,
+                      drop_path_rate: float, num_classes: int, global_pool: str) -> None:
+    """The transformer part both towers share: a learned 2-D position embedding over a grid x grid
+    token map, `depth` timm blocks (fused attn.qkv, no layer-scale), token norm, optional head."""
+    m.grid = grid
+    m.pos_embed = nn.Parameter(torch.zeros(1, dim, grid, grid))
+    nn.init.trunc_normal_(m.pos_embed, std=0.02)
+    dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+    m.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d) for d in dpr])
+    m.norm = nn.LayerNorm(dim)
+    m.num_features = m.embed_dim = dim
+    m.global_pool = global_pool
+    m.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+
+
 class ConvViT(nn.Module):
     """Conv stem to 1/16 resolution, then `depth` transformer blocks over the (H/16 x W/16) tokens."""
 
@@ -58,16 +73,7 @@ class ConvViT(nn.Module):
             _InvertedResidual(w3, w3),
             nn.Conv2d(w3, embed_dim, 2, 2),                # 1/16 patch merge -> tokens
         )
-        self.grid = grid
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, grid, grid))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d)
-                                      for d in dpr])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.num_features = self.embed_dim = embed_dim
-        self.global_pool = global_pool
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        _add_token_blocks(self, embed_dim, grid, depth, num_heads, mlp_ratio, drop_path_rate, num_classes, global_pool)
         self.default_cfg = self.pretrained_cfg = {"pool_size": None, "num_classes": num_classes,
                                                   "input_size": (3, 16 * grid, 16 * grid)}
         self.apply(self._init)
@@ -141,17 +147,8 @@ class ConvBodyAttn(nn.Module):
         import timm
 
         self.body = timm.create_model(body, pretrained=False, num_classes=0, global_pool="")
-        dim = self.body.num_features
-        self.grid = grid
-        self.pos_embed = nn.Parameter(torch.zeros(1, dim, grid, grid))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d)
-                                      for d in dpr])
-        self.norm = nn.LayerNorm(dim)
-        self.num_features = self.embed_dim = dim
-        self.global_pool = global_pool
-        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        _add_token_blocks(self, self.body.num_features, grid, depth, num_heads, mlp_ratio, drop_path_rate, num_classes,
+                          global_pool)
         self.default_cfg = self.pretrained_cfg = {"pool_size": None, "num_classes": num_classes}
         # the body's stages, as the body itself lists them: the OOD guard pools their outputs, Grad-CAM
         # explains the last one (gradients flow back through the new blocks)

@@ -28,6 +28,11 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     return path, (name or None)
 
 
+def data_specs(items) -> list[tuple[str, str | None]]:
+    """`PATH[:SET]` strings or (path, set) pairs -> (path, label set name or None) pairs."""
+    return [parse_data_spec(d) if isinstance(d, str) else (str(d[0]), d[1]) for d in items]
+
+
 @dataclass
 class PretrainConfig:
     """A LiT pre-training run. `data`: [(labels.csv or its folder, label set name or None = detect)]
@@ -65,7 +70,7 @@ class PretrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.data = [parse_data_spec(d) if isinstance(d, str) else (str(d[0]), d[1]) for d in self.data]
+        self.data = data_specs(self.data)
         self.withhold_labels = tuple(self.withhold_labels)
         self.out_dir = str(self.out_dir)
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)

@@ -34,7 +34,7 @@ from ..models.base import OPENAI_MEAN, OPENAI_STD
 from .augment import allows_flips, augment, normalize_pixels
 from .captions import Captions, prompt_bank
 from .checkpoint import WEIGHTS_FILE, load_weights, write_weights
-from .config import parse_data_spec
+from .config import data_specs
 from .dataset import check_withheld, load_training_rows, preload_images, split_rows, withhold
 from .extras import epoch_order, lowres_augment, sampling_weights, train_only_rows
 from .losses import multipos_loss, positives
@@ -70,9 +70,8 @@ class Stage2Config:
     command: str | None = None
 
     def __post_init__(self):
-        self.data = [parse_data_spec(d) if isinstance(d, str) else (str(d[0]), d[1]) for d in self.data]
-        self.train_only_data = [parse_data_spec(d) if isinstance(d, str) else (str(d[0]), d[1])
-                                for d in self.train_only_data]
+        self.data = data_specs(self.data)
+        self.train_only_data = data_specs(self.train_only_data)
         self.withhold_labels = tuple(sorted(set(self.withhold_labels)))
         if self.views < 1 or self.epochs < 1 or self.batch_size < 2:
             raise ValueError("views and epochs must be >= 1, batch_size >= 2")
