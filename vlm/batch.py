@@ -53,7 +53,7 @@ from .data import read_csv_table
 from .fileio import atomic_path, atomic_write_json, atomic_write_text
 from .html import environment, figure_div, write_plotly_asset
 from .images import Discovery, discover, printable_path, safe_id
-from .report import assess, model_info, render_report, safe_json
+from .report import chart_layout, assess, model_info, render_report, safe_json
 from .results import FINDINGS_CSV_COLUMNS, ImageFailure, ImageResult, findings_rows, to_csv
 
 logger = logging.getLogger(__name__)
@@ -288,33 +288,29 @@ def _chart_record(result: ImageResult) -> dict:
 
 
 def batch_charts(data: _ChartData) -> dict[str, Markup]:
-    import plotly.graph_objects as go
-
+    """The index page's charts as plain plotly.js specs: prevalence bars and per-finding distributions."""
     if not data.n:
         return {}
     labels = [lab for lab, _ in data.labels]
     names = dict(data.labels)
     n, counts, probs = data.n, data.counts, data.probs
+    height = 140 + 26 * len(labels)
     order = sorted(labels, key=lambda lab: counts[lab])
-    prev = go.Figure(go.Bar(
-        x=[counts[lab] / n for lab in order], y=[names[lab] for lab in order], orientation="h",
-        text=[f"{counts[lab]} ({counts[lab] / n:.0%})" for lab in order], textposition="auto",
-        marker_color="#b42318", hovertemplate="%{y}: %{x:.1%}<extra></extra>",
-    ))
-    prev.update_layout(title=f"Finding prevalence: share of the {n} images called positive", template="none",
-                       xaxis={"range": [0, 1], "tickformat": ".0%"}, yaxis={"automargin": True}, height=140 + 26 * len(labels),
-                       margin={"l": 10, "r": 20, "t": 60, "b": 40})
-    dist = go.Figure()
-    for lab in sorted(labels, key=lambda lab: -sum(probs[lab]) / max(1, len(probs[lab]))):
-        dist.add_trace(go.Box(x=list(probs[lab]), name=names[lab], orientation="h", boxpoints="outliers",
-                              marker_color="#475467", hovertemplate="%{x:.3f}<extra></extra>"))
+    prev = {"data": [{"type": "bar", "x": [counts[lab] / n for lab in order], "y": [names[lab] for lab in order],
+                      "orientation": "h", "text": [f"{counts[lab]} ({counts[lab] / n:.0%})" for lab in order],
+                      "textposition": "auto", "marker": {"color": "#b42318"},
+                      "hovertemplate": "%{y}: %{x:.1%}<extra></extra>"}],
+            "layout": chart_layout(f"Finding prevalence: share of the {n} images called positive", height,
+                              xaxis={"range": [0, 1], "tickformat": ".0%"}, yaxis={"automargin": True})}
+    boxes = [{"type": "box", "x": list(probs[lab]), "name": names[lab], "orientation": "h", "boxpoints": "outliers",
+              "marker": {"color": "#475467"}, "hovertemplate": "%{x:.3f}<extra></extra>"}
+             for lab in sorted(labels, key=lambda lab: -sum(probs[lab]) / max(1, len(probs[lab])))]
     thresholds = set(data.thresholds)
-    if len(thresholds) == 1 and None not in thresholds:
-        dist.add_vline(x=thresholds.pop(), line_dash="dash", line_color="#1d2939", annotation_text="threshold")
-    dist.update_layout(title="Distribution of probabilities per finding across images", template="none",
-                       xaxis={"range": [0, 1], "title": "probability"}, showlegend=False,
-                       height=140 + 26 * len(labels), margin={"l": 10, "r": 20, "t": 60, "b": 40},
-                       yaxis={"autorange": "reversed", "automargin": True})
+    common = thresholds.pop() if len(thresholds) == 1 and None not in thresholds else None
+    dist = {"data": boxes,
+            "layout": chart_layout("Distribution of probabilities per finding across images", height, "x", common,
+                              xaxis={"range": [0, 1], "title": {"text": "probability"}},
+                              yaxis={"autorange": "reversed", "automargin": True})}
     return {"prevalence": Markup(figure_div(prev, "batch-prevalence")),
             "distribution": Markup(figure_div(dist, "batch-distribution"))}
 

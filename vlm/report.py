@@ -6,13 +6,12 @@
 The report is built from an `ImageResult` only (plus what we know about the model), so a
 result loaded back from its JSON renders the same report. All text reaches the page through
 autoescaped Jinja templates (`templates/report.html.j2`, `templates/report.md.j2`); chart
-divs come from plotly, whose JSON escapes `</`. No network: plotly.js is inlined once per
-page unless `plotly_src` names a local copy (batch folders share `assets/plotly.min.js`).
+divs are plain plotly.js specs written as HTML-safe JSON (`vlm.html.figure_div`). No network:
+plotly.js is inlined once per page unless `plotly_src` names a local copy (batch folders share `assets/plotly.min.js`).
 """
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ from pathlib import Path
 from markupsafe import Markup, escape
 
 from .fileio import FileFormatError, read_json
-from .html import environment, figure_div, plotly_js, render
+from .html import environment, figure_div, plotly_js, render, safe_json  # noqa: F401 (safe_json re-exported)
 from .results import Finding, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -35,14 +34,6 @@ AGREEMENT_OK = 0.75
 
 
 # ----------------------------------------------------------------------------- safe text helpers
-
-def safe_json(obj, indent: int | None = 2) -> str:
-    """JSON that is also safe to inline in HTML: <, > and & are written as \\u escapes.
-
-    These characters only ever occur inside JSON strings, so the result parses to the same data."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False, default=str)
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#|~])")
 
@@ -226,35 +217,46 @@ def _name(f: Finding) -> str:
     return f.display or f.label
 
 
-def probability_figure(result: ImageResult):
-    import plotly.graph_objects as go
+def _threshold_line(axis: str, value: float, text: str) -> tuple[dict, dict]:
+    """A dashed threshold line across the plot (plotly's add_vline/add_hline, as plain layout items)."""
+    other = "y" if axis == "x" else "x"
+    shape = {"type": "line", "xref": axis if axis == "x" else "x domain", "yref": axis if axis == "y" else "y domain",
+             f"{axis}0": value, f"{axis}1": value, f"{other}0": 0, f"{other}1": 1,
+             "line": {"dash": "dash", "color": "#1d2939"}}
+    note = {"text": text, "showarrow": False, axis: value, other: 1, "xref": shape["xref"], "yref": shape["yref"],
+            "yanchor": "bottom", "xanchor": "right" if axis == "y" else "center"}
+    return shape, note
 
+
+def chart_layout(title: str, height: int, threshold_axis: str | None = None, threshold: float | None = None,
+                 label: str = "threshold", **extra) -> dict:
+    layout = {"title": {"text": title}, "height": height, "showlegend": False,
+              "margin": {"l": 10, "r": 20, "t": 60, "b": 40}, **extra}
+    if threshold_axis and threshold is not None:
+        shape, note = _threshold_line(threshold_axis, threshold, f"{label} {threshold:.2f}")
+        layout.update(shapes=[shape], annotations=[note])
+    return layout
+
+
+def probability_figure(result: ImageResult) -> dict:
+    """Horizontal bars of each finding's probability (±1 SD error bars) with its threshold tick."""
     fs = sorted(result.findings, key=lambda f: f.probability)
     names = [_name(f) for f in fs]
-    fig = go.Figure()
-    fig.add_trace(go.Bar(
-        x=[f.probability for f in fs], y=names, orientation="h", name="probability",
-        marker_color=["#b42318" if f.positive else "#98a2b3" for f in fs],
-        error_x={"type": "data", "array": [f.uncertainty for f in fs], "visible": True, "color": "#344054"},
-        hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-    ))
-    fig.add_trace(go.Scatter(
-        x=[f.threshold for f in fs], y=names, mode="markers", name="threshold",
-        marker={"symbol": "line-ns-open", "size": 18, "color": "#1d2939", "line": {"width": 2}},
-        hovertemplate="threshold %{x:.2f}<extra></extra>",
-    ))
-    if result.threshold is not None:
-        fig.add_vline(x=result.threshold, line_dash="dash", line_color="#1d2939",
-                      annotation_text=f"threshold {result.threshold:.2f}", annotation_position="top")
-    fig.update_layout(title="Probability per finding (error bars: ±1 SD across variants × prompt styles)",
-                      xaxis={"range": [0, 1], "title": "probability"}, yaxis={"automargin": True},
-                      template="none", height=140 + 26 * len(fs), margin={"l": 10, "r": 20, "t": 60, "b": 40}, showlegend=False)
-    return fig
+    bars = {"type": "bar", "x": [f.probability for f in fs], "y": names, "orientation": "h", "name": "probability",
+            "marker": {"color": ["#b42318" if f.positive else "#98a2b3" for f in fs]},
+            "error_x": {"type": "data", "array": [f.uncertainty for f in fs], "visible": True, "color": "#344054"},
+            "hovertemplate": "%{y}: %{x:.3f}<extra></extra>"}
+    ticks = {"type": "scatter", "x": [f.threshold for f in fs], "y": names, "mode": "markers", "name": "threshold",
+             "marker": {"symbol": "line-ns-open", "size": 18, "color": "#1d2939", "line": {"width": 2}},
+             "hovertemplate": "threshold %{x:.2f}<extra></extra>"}
+    layout = chart_layout("Probability per finding (error bars: ±1 SD across variants × prompt styles)",
+                     140 + 26 * len(fs), "x", result.threshold,
+                     xaxis={"range": [0, 1], "title": {"text": "probability"}}, yaxis={"automargin": True})
+    return {"data": [bars, ticks], "layout": layout}
 
 
-def variant_heatmap(result: ImageResult):
-    import plotly.graph_objects as go
-
+def variant_heatmap(result: ImageResult) -> dict:
+    """Finding x variant grid of probabilities (mean over prompt styles)."""
     variants = list(result.per_variant)
     z = []
     for f in result.findings:
@@ -263,35 +265,26 @@ def variant_heatmap(result: ImageResult):
             vals = [float(p[f.label]) for p in result.per_variant[v].values() if f.label in p]
             row.append(sum(vals) / len(vals) if vals else None)
         z.append(row)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=variants, y=[_name(f) for f in result.findings], zmin=0, zmax=1, colorscale="Blues",
-        texttemplate="%{z:.2f}", hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>",
-        colorbar={"title": "prob."},
-    ))
-    fig.update_layout(title="Probability by preprocessing variant (mean over prompt styles)", template="none",
-                      height=140 + 26 * len(result.findings), margin={"l": 10, "r": 10, "t": 60, "b": 40},
-                      yaxis={"autorange": "reversed", "automargin": True}, xaxis={"automargin": True})
-    return fig
+    heat = {"type": "heatmap", "z": z, "x": variants, "y": [_name(f) for f in result.findings], "zmin": 0, "zmax": 1,
+            "colorscale": "Blues", "texttemplate": "%{z:.2f}", "hovertemplate": "%{y} / %{x}: %{z:.3f}<extra></extra>",
+            "colorbar": {"title": {"text": "prob."}}}
+    layout = chart_layout("Probability by preprocessing variant (mean over prompt styles)",
+                          140 + 26 * len(result.findings),
+                          yaxis={"autorange": "reversed", "automargin": True}, xaxis={"automargin": True})
+    return {"data": [heat], "layout": layout}
 
 
-def top_findings_figure(result: ImageResult, k: int = 5):
-    import plotly.graph_objects as go
-
-    top = result.positives or sorted(result.findings, key=lambda f: -f.probability)
-    top = top[:k]
-    fig = go.Figure()
-    for f in top:
-        fig.add_trace(go.Box(y=finding_scores(result, f.label), name=_name(f), boxpoints="all", jitter=0.4,
-                             pointpos=0, marker_color="#b42318" if f.positive else "#475467",
-                             hovertemplate="%{y:.3f}<extra></extra>"))
-    if result.threshold is not None:
-        fig.add_hline(y=result.threshold, line_dash="dash", line_color="#1d2939",
-                      annotation_text=f"threshold {result.threshold:.2f}")
-    fig.update_layout(title=("Positive findings" if result.positives else "Highest-scoring findings")
-                      + ": spread of the variant × style scores", yaxis={"range": [0, 1], "title": "probability"},
-                      xaxis={"automargin": True}, template="none", height=360, showlegend=False,
-                      margin={"l": 10, "r": 10, "t": 60, "b": 40})
-    return fig
+def top_findings_figure(result: ImageResult, k: int = 5) -> dict:
+    """Box + points of the variant x style scores behind the top findings."""
+    top = (result.positives or sorted(result.findings, key=lambda f: -f.probability))[:k]
+    boxes = [{"type": "box", "y": finding_scores(result, f.label), "name": _name(f), "boxpoints": "all", "jitter": 0.4,
+              "pointpos": 0, "marker": {"color": "#b42318" if f.positive else "#475467"},
+              "hovertemplate": "%{y:.3f}<extra></extra>"} for f in top]
+    title = (("Positive findings" if result.positives else "Highest-scoring findings")
+             + ": spread of the variant × style scores")
+    layout = chart_layout(title, 360, "y", result.threshold, xaxis={"automargin": True},
+                          yaxis={"range": [0, 1], "title": {"text": "probability"}, "automargin": True})
+    return {"data": boxes, "layout": layout}
 
 
 def chart_divs(result: ImageResult, prefix: str = "chart") -> dict[str, Markup]:
