@@ -124,3 +124,30 @@ def test_user_label_set_and_errors_name_file_and_key(tmp_path):
         load_label_set(tmp_path / "broken.yaml")
     with pytest.raises(LabelSetError, match="unknown label set 'nope'"):
         load_label_set("nope")
+
+
+def test_grey_images_take_the_one_plane_path_with_the_same_tensors(tmp_path):
+    """Grey inputs are varied, resized and normalised on one plane: the tensors must equal the RGB path's
+    bit for bit, for every registered variant; a colour image keeps the RGB path; the normalisation table
+    equals the per-pixel formula."""
+    import torch
+    from PIL import Image as PILImage
+
+    from vlm.transforms import model_transform, resize_center_crop, variant_tensors
+
+    grey = (np.random.default_rng(0).random((90, 121)) * 255).astype(np.uint8)
+    PILImage.fromarray(grey).save(tmp_path / "grey.png")
+    PILImage.fromarray(np.stack([grey, grey // 2, 255 - grey], -1)).save(tmp_path / "colour.png")
+    PILImage.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey-as-rgb.png")
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    names = list(list_variants())
+    for name, grey_expected in (("grey.png", True), ("grey-as-rgb.png", True), ("colour.png", False)):
+        im = load_image(tmp_path / name)
+        assert im.is_grey is grey_expected, name
+        fast = variant_tensors(im, names, 64, mean, std)
+        im.is_grey = False
+        assert torch.equal(fast, variant_tensors(im, names, 64, mean, std)), name
+    col = load_image(tmp_path / "colour.png").pixels
+    t = torch.from_numpy(resize_center_crop(col, 64)).permute(2, 0, 1).float().div_(255.0)
+    per_pixel = (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.equal(model_transform(col, 64, mean, std), per_pixel)

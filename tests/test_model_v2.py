@@ -243,3 +243,18 @@ def test_stage2_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
         changed = config(tmp_path / "other", resume=True)
         changed.lr = 5e-3
         s2.stage2(changed)
+
+
+def test_text_padding_is_trimmed_without_changing_the_embeddings():
+    """The bundled MiniLM tower masks padding, so the tokenizer drops the all-padding tail: fewer
+    columns, the same token ids where kept, the same embeddings as the full context length."""
+    from vlm.models import load_model
+
+    b = load_model("vlm-xray-starter", device="cpu")
+    texts = ["pleural effusion", "a frontal chest radiograph with a small left-sided pneumothorax and no effusion"]
+    ids, full = b.tokenize(texts), b.tokenize.tokenizer(texts)
+    assert ids.shape[1] < full.shape[1] and torch.equal(ids, full[:, : ids.shape[1]])
+    assert (full[:, ids.shape[1]:] == b.tokenize.pad_id).all()
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(b.module.encode_text(full).float(), dim=-1)
+        assert torch.allclose(b.encode_texts(texts), ref, atol=1e-5)

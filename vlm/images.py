@@ -104,6 +104,9 @@ class Image:
     body_part: str | None = None  # DICOM BodyPartExamined (a defined term such as CHEST)
     warnings: list[str] = field(default_factory=list)  # input warnings: first frame used, lateral view, ...
     header: dict[str, str] = field(default_factory=dict)  # identifying header values, only with include_phi
+    # the three channels are one grey plane (decoded grey, or RGB with equal channels): variants and the
+    # model transform then work on one plane, the same numbers for a third of the work
+    is_grey: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -531,10 +534,16 @@ def load_image(path: str | Path, options: LoadOptions | None = None, **overrides
     image = _decode(p, kind, opts)
     h, w = image.pixels.shape[:2]
     check_size(p, w, h, replace(opts, max_pixels=None))  # after EXIF rotation / frame selection
-    image.pixels = to_rgb(scale_to_uint8(image.pixels))
-    if image.pixels.min() == image.pixels.max():
+    decoded = scale_to_uint8(image.pixels)
+    if decoded.min() == decoded.max():
         image.warnings.append("the image is blank (a single pixel value)")
+    image.pixels = to_rgb(decoded)
+    image.is_grey = decoded.ndim == 2 or decoded.shape[2] == 1 or _equal_channels(image.pixels)
     return image
+
+
+def _equal_channels(rgb: np.ndarray) -> bool:
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 def _decode(p: Path, kind: str, opts: LoadOptions) -> Image:

@@ -45,7 +45,8 @@ class TextEmbeddingCache:
         if not fp:
             raise ValueError("backbone has no fingerprint; cannot key the text cache")
         table = self._table(fp, [_key(t) for t in texts])
-        todo = list(dict.fromkeys(t for t in texts if _key(t) not in table))
+        # by length, so each batch pads (and the tokenizer trims) to similar prompt lengths
+        todo = sorted(dict.fromkeys(t for t in texts if _key(t) not in table), key=len)
         self.hits += len(texts) - len(todo)
         if todo:
             was_training = backbone.module.training

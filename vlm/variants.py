@@ -1,7 +1,8 @@
 """Named preprocessing variants (test-time augmentation).
 
-Each variant maps 8-bit RGB pixels to 8-bit RGB pixels of any size; the model's own
-resize and normalisation are applied afterwards. Scores are averaged over variants and
+Each variant maps 8-bit RGB pixels (H, W, 3) - or one grey plane (H, W), the same numbers
+as each channel of a grey RGB image - to pixels of the same kind, any size; the model's
+own resize and normalisation are applied afterwards. Scores are averaged over variants and
 their spread is reported as uncertainty: a finding that appears only under one contrast
 setting is less trustworthy than one that survives all of them.
 
@@ -30,6 +31,8 @@ def register_variant(name: str):
 
 def _per_channel_grey(rgb: np.ndarray, op: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Apply a greyscale operation to luminance only, so colour photos keep their hue."""
+    if rgb.ndim == 2:
+        return op(rgb)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
         g = op(np.ascontiguousarray(rgb[..., 0]))
         return np.repeat(g[:, :, None], 3, axis=2)
@@ -67,7 +70,7 @@ def gamma(rgb: np.ndarray) -> np.ndarray:
 @register_variant("hflip")
 def hflip(rgb: np.ndarray) -> np.ndarray:
     """Horizontal flip: left-right mirror (tests laterality robustness; situs is not inferred)."""
-    return np.ascontiguousarray(rgb[:, ::-1])
+    return cv2.flip(rgb, 1)  # = rgb[:, ::-1], contiguous, several times faster than numpy's copy
 
 
 @register_variant("center_crop")

@@ -114,13 +114,32 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+class PaddingTrimmedTokenizer:
+    """open_clip's HF tokenizer, minus the padding columns no text in the batch uses.
+
+    open_clip pads every prompt to the context length (64 for MiniLM), but its HF text tower masks
+    padding out of attention and pooling (`attention_mask = ids != pad_token_id`), so dropping the
+    all-padding tail gives the same embeddings for ~4x less text-encoder work on short prompts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.tokenizer.pad_token_id
+
+    def __call__(self, texts, context_length: int | None = None):
+        ids = self.tokenizer(texts, context_length)
+        if self.pad_id is None or ids.ndim != 2:
+            return ids
+        used = (ids != self.pad_id).any(dim=0).nonzero()
+        return ids[:, : int(used[-1]) + 1] if len(used) else ids[:, :1]
+
+
 def _open_clip_tokenizer(text_cfg: dict):
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     ctx = int(text_cfg.get("context_length", 77))
     if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
-        return HFTokenizer(resolve_text_model(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]),
-                           context_length=ctx)
+        return PaddingTrimmedTokenizer(HFTokenizer(
+            resolve_text_model(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]), context_length=ctx))
     return SimpleTokenizer(context_length=ctx)
 
 
