@@ -321,3 +321,53 @@ def confident_gain(targets: np.ndarray, p_new: np.ndarray, p_ref: np.ndarray, la
             gains.append(a - b)
     lower = float(np.quantile(gains, quantile)) if gains else float("-inf")
     return float(gain), lower
+
+
+def _stratified_auc_resampled(y: np.ndarray, s: np.ndarray, sources: np.ndarray | None, w: np.ndarray) -> np.ndarray:
+    """`source_stratified_auc` under each row of weights `w` (B, N): the pair-weighted within-source AUC
+    (weighted pair counts per source), one-vs-rest when no source of the positives holds negatives too."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    if sources is None:
+        return _weighted_auc(y, s, w)
+    sources = np.asarray(sources)
+    num, den, within = np.zeros(len(w)), np.zeros(len(w)), False
+    for src in set(sources[y]):
+        m = sources == src
+        if not (y[m].any() and (~y[m]).any()):
+            continue
+        within = True
+        pairs = (w[:, m] * y[m]).sum(1) * (w[:, m] * ~y[m]).sum(1)
+        num += np.nan_to_num(_weighted_auc(y[m], s[m], w[:, m])) * pairs
+        den += pairs
+    if not within:
+        return _weighted_auc(y, s, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def per_label_confident_gain(targets: np.ndarray, p_new: np.ndarray, p_ref: np.ndarray,
+                             sources: np.ndarray | None = None, n_boot: int = 200, seed: int = 0,
+                             quantile: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(gain (L,), lower (L,)): per column, the AUC gain of p_new over p_ref (within source where the
+    rows allow, as `selection_auc`) and its `quantile` over a paired bootstrap of the rows.
+
+    `confident_gain` per label: a macro gain can hide one label's loss behind another's gain, so the
+    few-shot guard decides label by label. NaN gain where a column's AUC is undefined; lower is -inf
+    where no resample defines it (such a label can never count as a confident gain)."""
+    targets, p_new = prediction_arrays(targets, p_new)
+    p_ref = prediction_arrays(targets, p_ref)[1]
+    src = None if sources is None else np.asarray(sources)
+    n = len(targets)
+    w = np.vstack([np.ones((1, n)), bootstrap_weights(n, n_boot, seed)]) if n else np.ones((1, 0))
+    gain, lower = np.full(targets.shape[1], np.nan), np.full(targets.shape[1], -np.inf)
+    for j in range(targets.shape[1]):
+        y = targets[:, j]
+        if n == 0 or y.min() == y.max():
+            continue
+        d = (_stratified_auc_resampled(y, p_new[:, j], src, w) - _stratified_auc_resampled(y, p_ref[:, j], src, w))
+        gain[j] = d[0]
+        boots = d[1:][np.isfinite(d[1:])]
+        if len(boots):
+            lower[j] = float(np.quantile(boots, quantile))
+    return gain, lower

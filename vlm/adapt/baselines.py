@@ -81,6 +81,20 @@ def _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, va
     return x, y, val_features, PromptHead.from_classifier(clf), clf
 
 
+def _guarded(head, zs: PromptHead, val_features, val, label_set: LabelSet, seed: int, info: dict):
+    """The per-label never-worse guard (vlm.adapt.guard) on the validation features; records its report."""
+    from .guard import guard_head, validation_sources
+
+    if val_features is None:
+        info["label_guard"] = {"applied": False, "why": "no validation images"}
+        logger.warning("no validation images: the per-label never-worse guard cannot run")
+        return head
+    vx, vy, keep = val_features
+    served, report = guard_head(head, zs.eval(), vx, vy, validation_sources(val, keep), label_set.names, seed)
+    info["label_guard"] = {"applied": True, **report}
+    return served
+
+
 def _score(targets: np.ndarray, probs: np.ndarray, label_set: LabelSet) -> float:
     m = auc_metrics(targets, probs, label_set)["macro_auc"]
     return -1.0 if m is None else float(m)
@@ -132,7 +146,7 @@ def _linear_probs(x, head: LinearProbeHead) -> np.ndarray:
 
 def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledData, styles=None,
                        seed: int = 0, cache=None, features=None, val=None,
-                       val_features=None) -> tuple[LinearProbeHead, dict]:
+                       val_features=None) -> tuple[torch.nn.Module, dict]:
     """Fit on the shots; lambda by validation AUC when `val` is given, else cross-validation."""
     t0 = time.time()
     torch.manual_seed(seed)
@@ -175,14 +189,14 @@ def train_linear_probe(backbone: Backbone, label_set: LabelSet, train: LabelledD
     info = {"method": "linear-probe", "lambda": best, "selection_macro_auc": {str(k): v for k, v in results.items()},
             "cv": how, "trainable_params": int(dw.numel() + b.numel()), "n_train_images": int(len(y)),
             "train_seconds": round(time.time() - t0, 1)}
-    return head(dw, b), info
+    return _guarded(head(dw, b), zs, val_features, val, label_set, seed, info), info
 
 
 # ----------------------------------------------------------------------------- Tip-Adapter
 
 def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledData, styles=None,
                       seed: int = 0, cache=None, features=None, val=None,
-                      val_features=None) -> tuple[TipAdapterHead, dict]:
+                      val_features=None) -> tuple[torch.nn.Module, dict]:
     """Cache = the shots; (alpha, beta) by validation AUC when `val` is given, else leave-one-out."""
     t0 = time.time()
     x, y, val_features, zs, clf = _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, val,
@@ -218,4 +232,4 @@ def train_tip_adapter(backbone: Backbone, label_set: LabelSet, train: LabelledDa
             "selection": how, "selection_macro_auc": {f"alpha={a},beta={b}": v for (a, b), v in results.items()},
             "cache_size": int(len(y)), "trainable_params": 0, "n_train_images": int(len(y)),
             "train_seconds": round(time.time() - t0, 1)}
-    return head, info
+    return _guarded(head, zs, val_features, val, label_set, seed, info), info

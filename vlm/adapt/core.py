@@ -147,7 +147,7 @@ def finetune(
         if method in LORA_METHODS:
             training["settings"] = adapted.info["settings"]
         save_adapter(out_dir, backbone, label_set, adapted.head, adapted.info,
-                     lora_module=adapted.backbone.module if method in LORA_METHODS else None,
+                     lora_module=adapted.backbone.module if adapted.lora_config is not None else None,
                      lora_config=adapted.lora_config, extra_state=getattr(adapted, "extra_state", None),
                      training=training, metrics=adapted.metrics)
         adapted.out_dir = Path(out_dir)

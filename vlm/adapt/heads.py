@@ -8,6 +8,8 @@ as prompt styles). Heads are plain `nn.Module`s whose tensors are saved to `head
 - `PromptHead`: the label set's ensembled prompt embeddings per style (CLIP-LoRA style), so an
   untrained head reproduces zero-shot scoring exactly; its weights may be fine-tuned.
 - `LinearProbeHead`: a linear classifier on frozen features, initialised at zero-shot.
+- `GuardedHead`: any of these with some labels served by their zero-shot prompt score (the
+  per-label never-worse guard, `vlm.adapt.guard`).
 - `TipAdapterHead`: zero-shot logits per style + alpha * cache logits (Tip-Adapter, Zhang et al.
   2022): affinity exp(-beta (1 - cos)) to the few-shot keys, times their one-hot labels.
 """
@@ -128,6 +130,59 @@ class TipAdapterHead(nn.Module):
                 "logit_scale": self.prompt.scale, "alpha": self.alpha, "beta": self.beta}
 
 
+def compose_with_zero_shot(p_adapted: torch.Tensor, p_zero_shot: torch.Tensor, keep_zero_shot: torch.Tensor) -> torch.Tensor:
+    """Probabilities (..., L): the labels in `keep_zero_shot` (bool (L,)) take the zero-shot value exactly,
+    the others the adapter's.
+
+    Multi-class sets are NOT renormalised: rescaling the adapted labels into the mass the zero-shot
+    labels leave would hand a single kept label exactly its zero-shot probability (1 - the others'), and
+    change the scores the guard validated. So each label's score is the one-vs-rest score of its own
+    source (adapter or zero-shot) and a row may not sum to 1."""
+    return torch.where(keep_zero_shot.to(p_adapted.device), p_zero_shot, p_adapted)
+
+
+class GuardedHead(nn.Module):
+    """An adapter head whose labels in `keep_zero_shot` are served by their zero-shot prompt score.
+
+    The per-label never-worse guard (`vlm.adapt.guard`) sets the mask: a label whose adapted score
+    did not clearly beat zero-shot on the validation images keeps the base model's prompt prototype.
+    Valid on base-model image embeddings only (head-type adapters): the zero-shot part is computed on
+    the same embedding the adapted head sees, so a LoRA update of the image tower is never combined
+    with it (`load_adapter` refuses that)."""
+
+    kind = "guarded"
+
+    def __init__(self, inner: nn.Module, zero_shot: PromptHead, keep_zero_shot, labels: list[str]):
+        super().__init__()
+        if list(inner.styles) != list(zero_shot.styles):
+            raise ValueError(f"guarded head: adapter styles {inner.styles} != zero-shot styles {zero_shot.styles}")
+        if len(keep_zero_shot) != len(labels):
+            raise ValueError(f"guarded head: {len(keep_zero_shot)} mask entries for {len(labels)} labels")
+        self.inner, self.zero_shot = inner, zero_shot
+        # the mask lives in adapter.json (head config), not in the tensors: a reader sees which labels fall back
+        self.register_buffer("keep_zero_shot", torch.tensor([bool(k) for k in keep_zero_shot]), persistent=False)
+        self.labels = list(labels)
+        self.multilabel = bool(zero_shot.multilabel)
+        self.styles = list(zero_shot.styles)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return compose_with_zero_shot(self.inner(emb), self.zero_shot(emb), self.keep_zero_shot)
+
+    def head_config(self) -> dict:
+        return {"type": self.kind, "multilabel": self.multilabel, "styles": self.styles,
+                "keep_zero_shot": dict(zip(self.labels, self.keep_zero_shot.tolist())),
+                "inner": self.inner.head_config(), "zero_shot": self.zero_shot.head_config()}
+
+
+def _build_guarded(config: dict, tensors: dict[str, torch.Tensor]) -> GuardedHead:
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    mask = config["keep_zero_shot"]
+    return GuardedHead(build_head(config["inner"], part("inner.")), build_head(config["zero_shot"], part("zero_shot.")),
+                       list(mask.values()), list(mask))
+
+
 # head type (as saved in head_config()["type"]) -> builder from (config, tensors); adding a head = one entry
 HEAD_BUILDERS = {
     PromptHead.kind: lambda c, t: PromptHead(t["weight"], c["logit_scale"], bool(c["multilabel"]), c["styles"]),
@@ -135,6 +190,7 @@ HEAD_BUILDERS = {
                                                        c["styles"]),
     TipAdapterHead.kind: lambda c, t: TipAdapterHead(t["prompt.weight"], c["logit_scale"], bool(c["multilabel"]),
                                                      c["styles"], t["keys"], t["values"], c["alpha"], c["beta"]),
+    GuardedHead.kind: _build_guarded,
 }
 
 

@@ -99,6 +99,9 @@ def save_adapter(
 ) -> Path:
     """Write an adapter folder as a whole; returns it. `lora_module` is the backbone module with LoRA layers."""
     out = check_adapter_target(out_dir)
+    if lora_module is not None and any((head.head_config().get("keep_zero_shot") or {}).values()):
+        raise ValueError("a LoRA adapter cannot serve labels by zero-shot on its adapted image embeddings "
+                         "(the per-label guard drops the LoRA update instead)")
     with atomic_dir(out) as tmp:
         _write_adapter_files(tmp, out.name, base, label_set, head, info, lora_module, lora_config, extra_state,
                              training, metrics)
@@ -197,6 +200,10 @@ def load_adapter(adapter_dir: str | Path, backbone: Backbone, label_set: LabelSe
     ls_file = d / meta["label_set"].get("file", "label_set.yaml")
     adapter_ls = parse_label_set(read_yaml(ls_file, what="adapter label set"), str(ls_file))
     head = build_head(meta["head"], load_file(str(d / "head.safetensors"))).to(backbone.device)
+    if meta.get("peft") and any((meta["head"].get("keep_zero_shot") or {}).values()):
+        # a zero-shot label is scored on the embedding the head sees: with a LoRA update that is not zero-shot
+        raise ValueError(f"{d}: a LoRA adapter cannot serve labels by zero-shot (keep_zero_shot) on its adapted "
+                         f"image embeddings; this adapter folder is inconsistent")
     if meta.get("peft"):
         from peft import LoraConfig
 

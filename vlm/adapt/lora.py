@@ -30,7 +30,7 @@ from torch import nn
 from ..data import LabelledData
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
-from ..metrics import confident_gain, selection_auc
+from ..metrics import confident_gain, per_label_confident_gain, selection_auc
 from ..models import Backbone
 from ..prompt_classifier import build_prompt_classifier, text_classifier
 from ..transforms import model_tensors
@@ -281,9 +281,11 @@ class LoraSettings:
 
 @dataclass
 class LoraResult:
-    backbone: Backbone  # a copy of the base backbone with LoRA layers (fingerprint still the base's)
-    head: PromptHead
-    lora_config: object  # peft.LoraConfig
+    # a copy of the base backbone with LoRA layers (fingerprint still the base's); the base backbone itself
+    # when the per-label guard dropped the LoRA update (then lora_config is None)
+    backbone: Backbone
+    head: nn.Module  # PromptHead, or a GuardedHead around it
+    lora_config: object  # peft.LoraConfig, or None
     info: dict
     extra_state: dict = dataclasses.field(default_factory=dict)  # trained layer-scale gammas (base-model names)
 
@@ -641,11 +643,63 @@ def train_lora(
         best_epoch, best_auc, wise = choice
     else:
         best_epoch = epoch
+    changes_images = _changes_images(module, backbone.module, scales)
     adapted, extra_state = _adapted_backbone(backbone, module, head, config, scales, st, label_set, styles)
     info = _lora_info(det, scales, st, trainable, breakdown, total, train_head, n, step, epoch, best_epoch,
                       best_auc, history, t0)
     info["wise_ft"] = wise
-    return LoraResult(adapted, head, config, info, extra_state)
+    result = LoraResult(adapted, head, config, info, extra_state)
+    return _label_guard(backbone, result, w_zero, (val_x, val_t, val_sources), label_set, st.seed, changes_images)
+
+
+def _changes_images(module: nn.Module, base_module: nn.Module, scales: list[str]) -> bool:
+    """Whether the kept LoRA state changes image embeddings at all (a nonzero B, or a moved gamma)."""
+    state = module.state_dict()
+    base = dict(base_module.named_parameters())
+    return any(v.any() for k, v in state.items() if "lora_B" in k) or \
+        any(not torch.equal(state[n], base[n]) for n in scales)
+
+
+def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val, label_set: LabelSet, seed: int,
+                 changes_images: bool) -> LoraResult:
+    """The per-label never-worse guard (vlm.adapt.guard) on a trained LoRA adapter.
+
+    A fallen-back label needs its zero-shot score, i.e. the image embedding WITHOUT the LoRA update;
+    serving it would take a second image pass through the base tower in every scorer. Instead: the
+    LoRA update is kept only when every label clearly beats zero-shot with it; otherwise it is
+    dropped and the trained head, on base embeddings, goes through the guard like any head-type
+    adapter (labels that do not clearly beat zero-shot there are served by their prompt prototype)."""
+    from .guard import _confident, _mean_probs, guard_head, label_report
+
+    val_x, val_t, val_sources = val
+    if val_x is None:
+        res.info["label_guard"] = {"applied": False, "why": "no validation images"}
+        logger.warning("no validation images: the per-label never-worse guard cannot run")
+        return res
+    if res.info["best_epoch"] == 0:
+        res.info["label_guard"] = {"applied": False, "why": "the kept adapter is zero-shot already"}
+        return res
+    head = res.head
+    zs = PromptHead(w_zero, head.scale, head.multilabel, head.styles).to(w_zero.device).eval()
+    base_emb = encode_tensors(backbone.module, val_x)
+    if changes_images:
+        p_zs = _mean_probs(zs, base_emb)
+        p_ad = _mean_probs(head, encode_tensors(res.backbone.module, val_x))
+        gain, lower = per_label_confident_gain(val_t, p_ad, p_zs, val_sources, seed=seed)
+        if _confident(gain, lower).all():
+            report = label_report(val_t, p_ad, p_zs, val_sources, label_set.names, np.zeros(len(gain), bool))
+            res.info["label_guard"] = {"applied": True, "lora_update": "kept", **report}
+            logger.info("per-label guard: every label clearly beats zero-shot with the LoRA update; kept")
+            return res
+        logger.info("per-label guard: with the LoRA update not every label clearly beats zero-shot "
+                    f"({', '.join(n for n, ok in zip(label_set.names, _confident(gain, lower)) if not ok)}); "
+                    "dropping the update, guarding the head on base-model embeddings")
+    served, report = guard_head(head, zs, base_emb, val_t, val_sources, label_set.names, seed)
+    update = "dropped (a label did not clearly beat zero-shot with it)" if changes_images else "none (no-op)"
+    res.info["label_guard"] = {"applied": True, "lora_update": update, **report}
+    if served is head and not changes_images:
+        return res  # nothing falls back and LoRA is a no-op: the adapter as trained
+    return LoraResult(backbone, served, None, res.info, {})
 
 
 def interpolate_state(zero: tuple, trained: tuple, alpha: float) -> tuple[dict, torch.Tensor]:

@@ -4,9 +4,13 @@ Protocol (written into the outputs):
 - held-out set: `eval_data`, or when it is absent / the same file, a patient-grouped split of
   `data` (`vlm.data.patient_split`, `eval_fraction` of patients); the training pool never shares
   a patient or file with it;
-- per (method, K, seed): K shots per class from the pool (`sample_shots`, seed), plus a validation
-  sample of max(K, val_shots) per class from the rest of the pool (other patients) used for LoRA
-  early stopping (epoch 0 = zero-shot competes) and the baselines' hyper-parameters;
+- per (method, K, seed): K shots per class from the pool (`sample_shots`, seed; with
+  `source_matched_shots` plus same-source negatives, `guard.source_matched_sample`), plus a validation
+  sample of max(K, val_shots) per class from the rest of the pool (other patients), topped up so that
+  each label's positive sources hold as many same-source negatives (`source_matched_sample`), used for
+  LoRA early stopping (epoch 0 = zero-shot competes), the baselines' hyper-parameters and the
+  per-label never-worse guard (`vlm.adapt.guard`: labels that do not clearly beat zero-shot on it
+  are served by their zero-shot score);
 - zero-shot (the base model's prompt ensembles) is the 0-shot point of every curve;
 - scoring: head outputs averaged over `variants` x styles, exactly as `Scorer` does.
 
@@ -36,6 +40,7 @@ from ..scoring import ImageEmbeddingCache
 from ..transforms import variant_tensors
 from . import LORA_METHODS, METHODS
 from .core import exclude_groups
+from .guard import MIN_GAIN, QUANTILE, source_matched_sample
 from .heads import PromptHead
 from .lora import LoraSettings, encode_tensors, train_lora
 from ..metrics import auc_metrics
@@ -104,6 +109,7 @@ def run_study(
     command: str = "",
     progress: bool = False,
     holdout: str = "split",
+    source_matched_shots: bool = False,
 ) -> dict:
     t_start = time.time()
     out = Path(out_dir)
@@ -135,9 +141,11 @@ def run_study(
     logger.info(f"zero-shot: macro AUC {zs['macro_auc']:.4f}")
     for k in shots:
         for seed in range(seeds):
-            train = pool.subset(sample_shots(pool, k, seed))
+            shots_of = source_matched_sample if source_matched_shots else sample_shots
+            train = pool.subset(shots_of(pool, k, seed))
             rest = exclude_groups(pool, train)
-            val = rest.subset(sample_shots(rest, max(k, val_shots), seed + 1000))
+            # every label's positive sources bring same-source negatives, so selection can score within source
+            val = rest.subset(source_matched_sample(rest, max(k, val_shots), seed + 1000))
             feats = {}  # frozen features of this (K, seed) sample, shared by the training-free baselines
             for method in methods:
                 t1 = time.time()
@@ -155,7 +163,9 @@ def run_study(
     meta = {"model": backbone.name, "model_fingerprint": backbone.fingerprint, "label_set": label_set.name,
             "data": str(data.csv_path), "held_out": split, "n_held_out": int(n_ev), "n_pool": len(pool),
             "variants": variants, "shots": list(shots), "methods": list(methods), "seeds": seeds,
-            "val_shots": val_shots, "lora_settings": settings.to_dict(), "command": command,
+            "val_shots": val_shots, "validation": "source-matched (vlm.adapt.guard.source_matched_sample)",
+            "shots_sampling": "source-matched" if source_matched_shots else "k per class",
+            "label_guard": {"min_gain": MIN_GAIN, "quantile": QUANTILE}, "lora_settings": settings.to_dict(), "command": command,
             "seconds": round(time.time() - t_start, 1)}
     write_outputs(out, rows, summary, meta, label_set)
     logger.info(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / 'index.html'}")
@@ -183,16 +193,27 @@ def _run_method(method, backbone, label_set, train, val, settings, seed, styles,
     if method in LORA_METHODS:
         st = LoraSettings(**{**settings.to_dict(), "seed": seed, **LORA_METHODS[method]})
         res = train_lora(backbone, label_set, train, val, st, styles, progress=progress)
-        emb = encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
+        emb = base_emb if res.backbone is backbone else \
+            encode_tensors(res.backbone.module, ev_x.flatten(0, 1)).view(n_ev, v, -1)
         return (_probs(res.head, emb),
                 {"best_epoch": res.info["best_epoch"], "steps": res.info["steps"],
-                 "wise_alpha": (res.info.get("wise_ft") or {}).get("alpha")})
+                 "wise_alpha": (res.info.get("wise_ft") or {}).get("alpha"),
+                 "lora_update": res.info["label_guard"].get("lora_update"), **_guard_columns(res.info)})
     if not feats:
         feats.update(train=frozen_features(backbone, train, cache), val=frozen_features(backbone, val, cache))
     fn = train_linear_probe if method == "linear-probe" else train_tip_adapter
-    head, info = fn(backbone, label_set, train, styles, seed, cache, features=feats["train"],
+    head, info = fn(backbone, label_set, train, styles, seed, cache, features=feats["train"], val=val,
                     val_features=feats["val"])
-    return _probs(head.to(backbone.device), base_emb), {k: info[k] for k in ("lambda", "alpha", "beta") if k in info}
+    return (_probs(head.to(backbone.device), base_emb),
+            {**{k: info[k] for k in ("lambda", "alpha", "beta") if k in info}, **_guard_columns(info)})
+
+
+def _guard_columns(info: dict) -> dict:
+    """The labels the per-label guard served by zero-shot, for results.csv."""
+    guard = info.get("label_guard") or {}
+    if not guard.get("applied"):
+        return {"zero_shot_labels": "all" if "zero-shot already" in guard.get("why", "") else ""}
+    return {"zero_shot_labels": "+".join(n for n, k in guard["keep_zero_shot"].items() if k)}
 
 
 def pretrain_val_split(backbone: Backbone, data: LabelledData) -> tuple[LabelledData, LabelledData, str]:

@@ -114,7 +114,9 @@ def finetune_cmd(data_csv, label_set, model, method, shots, out_dir, val_data, v
             val = exclude_groups(val, data.subset(sample_shots(data, k, seed)))
         vk = _parse_shots(val_shots)
         if vk is not None:
-            val = val.subset(sample_shots(val, vk, seed + 1))
+            from ..adapt.guard import source_matched_sample  # same-source negatives for within-source selection
+
+            val = val.subset(source_matched_sample(val, vk, seed + 1))
     ev = _load_data(eval_data, ls, mapping) if eval_data else None
     if ev is not None and val is not None:
         ev = exclude_groups(ev, val)
