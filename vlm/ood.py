@@ -83,7 +83,8 @@ class DomainStats:
     def distance(self, emb: np.ndarray) -> np.ndarray:
         """(N, D) -> (N,) Mahalanobis distances."""
         diff = np.atleast_2d(emb).astype(np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, self.precision, diff), 0.0))
+        # (diff @ P) . diff: one matrix product; a three-operand einsum took ~0.7 ms per image
+        return np.sqrt(np.maximum(np.einsum("nd,nd->n", diff @ self.precision, diff), 0.0))
 
 
 def fit_domain(name: str, label_sets: Sequence[str], fit_emb: np.ndarray, held_out: dict[str, np.ndarray],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Finding:
     severity: int = 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # = asdict (flat fields, same order) without its deep copies
 
 
 @dataclass

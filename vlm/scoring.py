@@ -353,16 +353,16 @@ def summarise(
     mean = flat.mean(0)
     std = flat.std(0, unbiased=False) if v * s > 1 else torch.zeros(n, dtype=torch.float64)
     findings = []
-    for i, lab in enumerate(label_set.labels):
+    # one .tolist() per array: the same Python floats as float(t[i]), without a tensor index per number
+    for lab, p, sd in zip(label_set.labels, mean.tolist(), std.tolist()):
         thr = threshold[lab.name] if isinstance(threshold, dict) else threshold
-        p = float(mean[i])
-        findings.append(Finding(label=lab.name, probability=p, uncertainty=float(std[i]), positive=p >= thr,
+        findings.append(Finding(label=lab.name, probability=p, uncertainty=sd, positive=p >= thr,
                                 threshold=float(thr), display=lab.display, category=lab.category,
                                 severity=lab.severity))
+    names = [lab.name for lab in label_set.labels]
     per_variant = {
-        var: {st: {lab.name: round(float(probs[vi, si, li]), 6) for li, lab in enumerate(label_set.labels)}
-              for si, st in enumerate(styles)}
-        for vi, var in enumerate(variants)
+        var: {st: {name: round(x, 6) for name, x in zip(names, row)} for st, row in zip(styles, table)}
+        for var, table in zip(variants, probs.tolist())
     }
     return findings, per_variant
 
