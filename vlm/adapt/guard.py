@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 MIN_GAIN = 0.005  # a label keeps its adapted score only if it beats zero-shot by this AUC on validation
 QUANTILE = 0.1  # ... and the gain's paired-bootstrap 10 % quantile is above 0
+N_BOOT = 200  # paired bootstrap resamples of the validation rows
+ENABLED = True  # measurement scripts (benchmarks/fewshot-v2/guard_settings.py) switch it off to see adapters unguarded
 
 
 def _is_negative(data: LabelledData, j: int) -> np.ndarray:
@@ -77,8 +79,8 @@ def choose_fallbacks(targets: np.ndarray, p_zero_shot: np.ndarray, score_with_ma
     mask = np.zeros(targets.shape[1], dtype=bool)
     rounds = []
     while True:
-        gain, lower = per_label_confident_gain(targets, score_with_mask(mask), p_zero_shot, sources, seed=seed,
-                                               quantile=QUANTILE)
+        gain, lower = per_label_confident_gain(targets, score_with_mask(mask), p_zero_shot, sources, n_boot=N_BOOT,
+                                               seed=seed, quantile=QUANTILE)
         rounds.append({"keep_zero_shot": mask.tolist(), "gain": _floats(gain), "lower": _floats(lower)})
         grown = mask | ~_confident(gain, lower)
         if (grown == mask).all():
@@ -100,6 +102,8 @@ def guard_head(head: torch.nn.Module, zero_shot: PromptHead, val_emb: torch.Tens
     """(the head to serve, report): `head` itself when every label clearly beats zero-shot on the
     validation embeddings `val_emb` (N, D; base-model embeddings), else a `GuardedHead` serving
     the other labels by their zero-shot prompt score."""
+    if not ENABLED:
+        return head, {"applied": False, "why": "switched off (vlm.adapt.guard.ENABLED, a measurement)"}
     p_zs = _mean_probs(zero_shot, val_emb)
 
     def served(mask: np.ndarray) -> np.ndarray:
@@ -125,7 +129,7 @@ def label_report(targets, p_served, p_zs, sources, names: list[str], mask: np.nd
         a = source_stratified_auc(y, p_served[:, j], src) if defined else None
         per[name] = {"zero_shot_val_auc": _round(z), "served_val_auc": _round(a),
                      "served": "zero-shot" if mask[j] else "adapted"}
-    return {"min_gain": MIN_GAIN, "quantile": QUANTILE, "within_source": src is not None,
+    return {"min_gain": MIN_GAIN, "quantile": QUANTILE, "n_boot": N_BOOT, "within_source": src is not None,
             "n_val_images": int(len(targets)), "keep_zero_shot": dict(zip(names, mask.tolist())), "labels": per}
 
 

@@ -669,6 +669,7 @@ def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val,
     LoRA update is kept only when every label clearly beats zero-shot with it; otherwise it is
     dropped and the trained head, on base embeddings, goes through the guard like any head-type
     adapter (labels that do not clearly beat zero-shot there are served by their prompt prototype)."""
+    from . import guard
     from .guard import _confident, _mean_probs, guard_head, label_report
 
     val_x, val_t, val_sources = val
@@ -676,8 +677,9 @@ def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val,
         res.info["label_guard"] = {"applied": False, "why": "no validation images"}
         logger.warning("no validation images: the per-label never-worse guard cannot run")
         return res
-    if res.info["best_epoch"] == 0:
-        res.info["label_guard"] = {"applied": False, "why": "the kept adapter is zero-shot already"}
+    if res.info["best_epoch"] == 0 or not guard.ENABLED:
+        why = "the kept adapter is zero-shot already" if guard.ENABLED else "switched off (a measurement)"
+        res.info["label_guard"] = {"applied": False, "why": why}
         return res
     head = res.head
     zs = PromptHead(w_zero, head.scale, head.multilabel, head.styles).to(w_zero.device).eval()
@@ -685,7 +687,8 @@ def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val,
     if changes_images:
         p_zs = _mean_probs(zs, base_emb)
         p_ad = _mean_probs(head, encode_tensors(res.backbone.module, val_x))
-        gain, lower = per_label_confident_gain(val_t, p_ad, p_zs, val_sources, seed=seed)
+        gain, lower = per_label_confident_gain(val_t, p_ad, p_zs, val_sources, n_boot=guard.N_BOOT, seed=seed,
+                                               quantile=guard.QUANTILE)
         if _confident(gain, lower).all():
             report = label_report(val_t, p_ad, p_zs, val_sources, label_set.names, np.zeros(len(gain), bool))
             res.info["label_guard"] = {"applied": True, "lora_update": "kept", **report}

@@ -40,7 +40,8 @@ from ..scoring import ImageEmbeddingCache
 from ..transforms import variant_tensors
 from . import LORA_METHODS, METHODS
 from .core import exclude_groups
-from .guard import MIN_GAIN, QUANTILE, source_matched_sample
+from . import guard
+from .guard import source_matched_sample
 from .heads import PromptHead
 from .lora import LoraSettings, encode_tensors, train_lora
 from ..metrics import auc_metrics
@@ -165,7 +166,8 @@ def run_study(
             "variants": variants, "shots": list(shots), "methods": list(methods), "seeds": seeds,
             "val_shots": val_shots, "validation": "source-matched (vlm.adapt.guard.source_matched_sample)",
             "shots_sampling": "source-matched" if source_matched_shots else "k per class",
-            "label_guard": {"min_gain": MIN_GAIN, "quantile": QUANTILE}, "lora_settings": settings.to_dict(), "command": command,
+            "label_guard": {"min_gain": guard.MIN_GAIN, "quantile": guard.QUANTILE, "n_boot": guard.N_BOOT},
+            "lora_settings": settings.to_dict(), "command": command,
             "seconds": round(time.time() - t_start, 1)}
     write_outputs(out, rows, summary, meta, label_set)
     logger.info(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / 'index.html'}")
