@@ -7,10 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image as PILImage
+# as `vlm-xray` does (vlm/cli.py), before torch loads OpenMP: idle threads sleep, not spin
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

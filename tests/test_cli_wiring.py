@@ -77,3 +77,23 @@ def test_max_pixels_refuses_a_large_image_and_the_batch_goes_on(tmp_path):
                      "--ood", "off")  # the example is 384 x 384 = 147,456 px
     assert code == 1 and "big.png: image is 400x400" in out and "--max-pixels" in out
     assert f"{EXAMPLE.name}  (model vlm-xray-starter" in out  # the good image was scored
+
+
+def test_the_console_entry_point_keeps_exit_codes_and_output_with_its_fast_exit(tmp_path):
+    """`vlm-xray` (vlm.cli:run) skips the interpreter teardown: exit codes (0 / 1 some inputs failed /
+    2 usage), piped stdout and files written must all be as with a normal exit."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vlm.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    ok = cli("labels")
+    assert ok.returncode == 0 and "chestxray14" in ok.stdout
+    out = tmp_path / "r.json"
+    scored = cli("analyze", EXAMPLE, tmp_path / "missing.png", "--json", out, "--device", "cpu")
+    assert scored.returncode == 1 and "file not found" in scored.stderr
+    assert json.loads(out.read_text())[0]["findings"]  # written and complete before the fast exit
+    usage = cli("analyze")
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr

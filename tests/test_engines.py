@@ -278,10 +278,14 @@ def test_ray_engine_takes_the_ood_stage_features_from_its_replicas(ray_local, im
 
 
 def test_encoder_threads_leave_the_decode_workers_their_cores(backbone, image_dir, monkeypatch):
-    """On CPU the encoder loop runs on the cores the decode workers leave (more threads than free cores
-    make torch spin at every barrier); torch's setting is restored when the stream ends."""
-    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    """With spinning OpenMP threads the encoder loop runs on the cores the decode workers leave (more
+    threads than free cores spin at every barrier); with sleeping ones (what `vlm-xray` sets) it keeps
+    torch's threads. torch's setting is restored when the stream ends."""
     cpu = torch.device("cpu")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert scoring.passive_openmp() and scoring.encoder_threads(cpu, 1) is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
     before = torch.get_num_threads()
     assert scoring.encoder_threads(cpu, 0) is None  # no workers: torch's own setting
     assert scoring.encoder_threads(cpu, 1) == 1 and scoring.encoder_threads(cpu, 4) == 1

@@ -6,7 +6,16 @@ Importing this module (and `vlm-xray --help`) does not import torch.
 """
 from __future__ import annotations
 
-import click
+import os
+
+# Idle OpenMP threads sleep instead of spinning. Read once, when torch loads its OpenMP runtime, so it is
+# set here, before any command imports torch; a value the user exported wins. Why: on a machine whose
+# cores are shared (decode workers, the report writer, other jobs) spinning threads took the cores those
+# need - 2 encoder threads beside a decode worker ran a batch 3x slower than with PASSIVE
+# (benchmarks/RESULTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402 - after the OpenMP setting, on purpose
 
 from .commands.adapt import fewshot_study_cmd, finetune_cmd
 from .commands.cache import cache as cache_cmd
@@ -40,5 +49,39 @@ for command in (analyze, batch, explain_cmd, eval_cmd, calibrate_cmd, finetune_c
     main.add_command(command)
 
 
+def run() -> None:
+    """The `vlm-xray` console entry point: `main`, then a fast exit.
+
+    Why: with torch, open_clip and transformers loaded, the interpreter's own teardown (freeing their
+    modules object by object) takes ~1.1 s - a sixth of a single-image `analyze` - after every output
+    is already written and closed. atexit handlers (Ray's shutdown, multiprocessing's, logging's) still
+    run; only the teardown is skipped, and only when no non-daemon thread is still at work."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    _fast_exit(code)
+
+
+def _fast_exit(code) -> None:
+    import atexit
+    import sys
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # someone is still working: the normal exit waits for them
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit("message") does
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (e.g. `| head`): nothing more can be written
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

@@ -199,13 +199,21 @@ def default_workers(n_items: int) -> int:
     return max(1, min(8, available_cpus() - 1))
 
 
+def passive_openmp() -> bool:
+    """Whether idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, what `vlm-xray` sets) rather than spin."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def encoder_threads(device: torch.device, workers: int) -> int | None:
-    """torch threads for the encoder loop while `workers` decode processes run beside it (CPU only):
-    the cores the workers leave, at most what torch would use. Why: an OpenMP parallel region is as
-    fast as its slowest thread, and a thread sharing its core with a busy decode worker spins at
-    every barrier - on 2 cores, 2 threads + 1 worker ran the batch 4-5x slower than 1 thread + 1
-    worker (benchmarks/RESULTS.md). None: leave torch's setting alone."""
-    if device.type != "cpu" or workers <= 0:
+    """torch threads for the encoder loop while `workers` decode processes run beside it (CPU only).
+
+    With sleeping OpenMP threads (`passive_openmp`): torch's own setting (every core) - the workers
+    take a core only while they decode, a small share of a batch's time now. With spinning threads:
+    the cores the workers leave, at most what torch would use - a region is as fast as its slowest
+    thread, and a thread sharing its core with a busy worker spins at every barrier (on 2 cores,
+    2 threads + 1 worker ran 4-5x slower than 1 thread + 1 worker; benchmarks/RESULTS.md).
+    None: leave torch's setting alone."""
+    if device.type != "cpu" or workers <= 0 or passive_openmp():
         return None
     return max(1, min(torch.get_num_threads(), available_cpus() - workers))
 
