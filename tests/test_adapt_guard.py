@@ -189,3 +189,26 @@ def test_source_matched_validation_holds_same_source_negatives(tmp_path):
 
     plain = load_labelled_csv(_class_csv(tmp_path / "p", 20), load_label_set("chest4"))
     assert np.array_equal(source_matched_sample(plain, k, 0), sample_shots(plain, k, 0))
+
+
+def test_group_members_fall_back_together():
+    """skin12's "benign keratosis" is evaluated as the sum of its members: one zero-shot member plus one
+    adapted member would be a score nobody validated, so a falling member takes its group with it."""
+    from vlm.adapt.guard import choose_fallbacks, label_groups
+
+    rng = np.random.default_rng(3)
+    y = np.eye(3)[rng.integers(0, 3, 120)]
+    p_zs = rng.random((120, 3))
+    p_ad = p_zs.copy()
+    p_ad[:, 0] = y[:, 0] + 0.3 * rng.random(120)  # rises
+    p_ad[:, 1] = y[:, 1] + 0.3 * rng.random(120)  # rises, but shares a group with label 2
+    p_ad[:, 2] = 1 - y[:, 2] + 0.3 * rng.random(120)  # falls
+
+    def served(mask):
+        return np.where(mask, p_zs, p_ad)
+
+    assert choose_fallbacks(y, p_zs, served)[0].tolist() == [False, False, True]
+    assert choose_fallbacks(y, p_zs, served, groups=[[1, 2]])[0].tolist() == [False, True, True]
+    ls = load_label_set("skin12")
+    (members,) = label_groups(ls)
+    assert [ls.names[i] for i in members] == ["seborrheic keratosis", "solar lentigo"]

@@ -1,7 +1,8 @@
 """The fewshot.md "v2 starters" table from few-shot study folders (study.json, written by
 `vlm-xray fewshot-study`): macro and within-source macro AUC, named per-label columns, the worst
-seed's change against zero-shot (the never-below target is about every run, not the mean) and how
-often the per-label guard served each label by zero-shot.
+seed's change against zero-shot (the never-below target is about every run, not the mean), how
+often the per-label guard served each label by zero-shot, and the worst change of any label
+(one-vs-rest or within a source) in any run.
 
     python benchmarks/fewshot-v2/table.py benchmarks/fewshot-v2/unseen-chest4 \
         --col TUBERCULOSIS=auc:TUBERCULOSIS --col "COVID19 within COVID-QU=within:COVID19@covidqu"
@@ -38,13 +39,23 @@ def _served_zero_shot(runs: list[dict], label: str) -> str:
     return f"{hit}/{len(runs)}"
 
 
+def _worst_label_change(runs: list[dict], zs: dict) -> str:
+    """The most negative change against zero-shot of any label (one-vs-rest or within a source) in any run."""
+    cols = [c for c in zs if c.startswith(("auc:", "within:")) and zs[c] is not None]
+    deltas = [(r[c] - zs[c], c) for r in runs for c in cols if r.get(c) is not None]
+    if not deltas:
+        return "n/a"
+    d, c = min(deltas)
+    return f"{d:+.3f}" + (f" ({c})" if d < 0 else "")
+
+
 def table(study: dict, cols: list[tuple[str, str]]) -> str:
     rows = study["rows"]
     zs = next(r for r in rows if r["method"] == "zero-shot")
     keys = list(dict.fromkeys((r["method"], r["shots"]) for r in rows))
     labels = sorted({c.split(":", 1)[1].split("@")[0] for _, c in cols})
     head = ["method", "shots", "macro AUC", "within-source macro"] + [n for n, _ in cols] + \
-        [f"{lab} served by zero-shot (runs)" for lab in labels]
+        [f"{lab} served by zero-shot (runs)" for lab in labels] + ["worst change of any label, any run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, k in keys:
         runs = _runs(rows, method, k)
@@ -52,6 +63,7 @@ def table(study: dict, cols: list[tuple[str, str]]) -> str:
                  _cell([r.get("within_macro_auc") for r in runs], zs.get("within_macro_auc"), False)]
         cells += [_cell([r.get(c) for r in runs], zs.get(c), method != "zero-shot") for _, c in cols]
         cells += ["" if method == "zero-shot" else _served_zero_shot(runs, lab) for lab in labels]
+        cells.append("" if method == "zero-shot" else _worst_label_change(runs, zs))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

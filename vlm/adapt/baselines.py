@@ -83,14 +83,15 @@ def _shots_and_zero_shot(backbone, label_set, train, styles, cache, features, va
 
 def _guarded(head, zs: PromptHead, val_features, val, label_set: LabelSet, seed: int, info: dict):
     """The per-label never-worse guard (vlm.adapt.guard) on the validation features; records its report."""
-    from .guard import guard_head, validation_sources
+    from .guard import guard_head, label_groups, validation_sources
 
     if val_features is None:
         info["label_guard"] = {"applied": False, "why": "no validation images"}
         logger.warning("no validation images: the per-label never-worse guard cannot run")
         return head
     vx, vy, keep = val_features
-    served, report = guard_head(head, zs.eval(), vx, vy, validation_sources(val, keep), label_set.names, seed)
+    served, report = guard_head(head, zs.eval(), vx, vy, validation_sources(val, keep), label_set.names, seed,
+                                label_groups(label_set))
     info["label_guard"] = {"applied": True, **report}
     return served
 

@@ -670,7 +670,7 @@ def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val,
     dropped and the trained head, on base embeddings, goes through the guard like any head-type
     adapter (labels that do not clearly beat zero-shot there are served by their prompt prototype)."""
     from . import guard
-    from .guard import _confident, _mean_probs, guard_head, label_report
+    from .guard import _confident, _mean_probs, guard_head, label_groups, label_report
 
     val_x, val_t, val_sources = val
     if val_x is None:
@@ -697,7 +697,7 @@ def _label_guard(backbone: Backbone, res: LoraResult, w_zero: torch.Tensor, val,
         logger.info("per-label guard: with the LoRA update not every label clearly beats zero-shot "
                     f"({', '.join(n for n, ok in zip(label_set.names, _confident(gain, lower)) if not ok)}); "
                     "dropping the update, guarding the head on base-model embeddings")
-    served, report = guard_head(head, zs, base_emb, val_t, val_sources, label_set.names, seed)
+    served, report = guard_head(head, zs, base_emb, val_t, val_sources, label_set.names, seed, label_groups(label_set))
     update = "dropped (a label did not clearly beat zero-shot with it)" if changes_images else "none (no-op)"
     res.info["label_guard"] = {"applied": True, "lora_update": update, **report}
     if served is head and not changes_images:
