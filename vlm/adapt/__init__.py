@@ -3,6 +3,7 @@
     finetune(backbone, label_set, data, method="lora", shots=16, out_dir=...)  -> Adapted
     load_adapter(adapter_dir, backbone, label_set) -> (adapted backbone, head, label set)
     run_study(...)  few-shot study: macro AUC vs shots per method (vlm.adapt.study)
+    guard_head(...) the per-label never-worse guard every method ends with (vlm.adapt.guard)
 
 Every method writes the same adapter folder (see `vlm.adapt.io`); `--adapter DIR` makes
 analyze / batch / eval score with it through `Scorer(head=...)`.
@@ -26,6 +27,7 @@ _LAZY = {
     "verify_targets": "lora", "train_lora": "lora",
     "train_linear_probe": "baselines", "train_tip_adapter": "baselines",
     "run_study": "study",
+    "guard_head": "guard", "source_matched_sample": "guard",
 }
 
 __all__ = ["METHODS", *_LAZY]

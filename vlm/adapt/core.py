@@ -28,7 +28,7 @@ __all__ = ["METHODS", "Adapted", "LoraSettings", "LoraTargetError", "finetune", 
 
 @dataclass
 class Adapted:
-    backbone: Backbone  # the backbone to encode images with (LoRA: adapted copy; else the base)
+    backbone: Backbone  # the backbone to encode images with (LoRA kept: adapted copy; else the base)
     head: torch.nn.Module
     label_set: LabelSet
     info: dict

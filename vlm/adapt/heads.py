@@ -8,10 +8,10 @@ as prompt styles). Heads are plain `nn.Module`s whose tensors are saved to `head
 - `PromptHead`: the label set's ensembled prompt embeddings per style (CLIP-LoRA style), so an
   untrained head reproduces zero-shot scoring exactly; its weights may be fine-tuned.
 - `LinearProbeHead`: a linear classifier on frozen features, initialised at zero-shot.
-- `GuardedHead`: any of these with some labels served by their zero-shot prompt score (the
-  per-label never-worse guard, `vlm.adapt.guard`).
 - `TipAdapterHead`: zero-shot logits per style + alpha * cache logits (Tip-Adapter, Zhang et al.
   2022): affinity exp(-beta (1 - cos)) to the few-shot keys, times their one-hot labels.
+- `GuardedHead`: any of these with some labels served by their zero-shot prompt score (the
+  per-label never-worse guard, `vlm.adapt.guard`); valid on base-model image embeddings only.
 """
 from __future__ import annotations
 
