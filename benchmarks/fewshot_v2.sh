@@ -18,3 +18,7 @@ CHEST="--col TUBERCULOSIS=auc:TUBERCULOSIS --col COVID19-within-COVID-QU=within:
 python benchmarks/fewshot-v2/table.py $OUT/unseen-chest4 $CHEST
 python benchmarks/fewshot-v2/table.py $OUT/unseen-chest4-source-matched-shots $CHEST
 python benchmarks/fewshot-v2/table.py $OUT/starter-skin12
+# guard strictness / unguarded adapters / source-matched shots (frozen-feature methods, a few minutes), and
+# whether COVID-vs-normal within COVID-QU is learnable from the frozen features at all
+python benchmarks/fewshot-v2/guard_settings.py
+python benchmarks/fewshot-v2/within_source_probe.py
