@@ -321,7 +321,7 @@ def test_batch_killed_at_random_points_resumes_to_identical_findings(backbone, o
 
     src = tmp_path / "in"
     src.mkdir()
-    n_images = 20  # enough that three kills a few reports apart always land before the end
+    n_images = 40  # enough that three kills a few reports apart always land before the end
     for i, px in enumerate(source_pixels(n_images)):
         if i % 3:
             PILImage.fromarray(quantise(px, 8)).save(src / f"img{i:02d}.png")
@@ -342,7 +342,7 @@ def test_batch_killed_at_random_points_resumes_to_identical_findings(backbone, o
         deadline = time.monotonic() + (rng.uniform(0.2, 3.0) if attempt == 0 else 120)
         while proc.poll() is None and _n_done(out) <= target and time.monotonic() < deadline:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.03))
+        time.sleep(rng.uniform(0, 0.01))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -121,7 +121,7 @@ def _charts(result) -> dict:
     from ..report import probability_figure, top_findings_figure, variant_heatmap
 
     figures = {"probabilities": probability_figure, "variants": variant_heatmap, "top": top_findings_figure}
-    return {name: json.loads(make(result).to_json()) for name, make in figures.items()}
+    return {name: make(result) for name, make in figures.items()}  # plain plotly.js specs {data, layout}
 
 
 def _model_card(service: ScoringService) -> dict:
