@@ -247,6 +247,10 @@ def test_cli_finetune_then_analyze_with_adapter(base, synth_csv, tmp_path, image
                                   "chest4", "--shots", "2", "--epochs", "2", "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "trainable parameters" in r.output and "visual.transformer.resblocks" in r.output
+    # no --val-data: validation is drawn from the other patients of --data, so the never-worse guard ran
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["training"]["n_val_images"] > 0
+    assert meta["info"]["label_guard"].get("why") != "no validation images", meta["info"]["label_guard"]
     r = CliRunner().invoke(main, ["analyze", str(image_dir / "grey8.png"), "--model", str(base.source), "--adapter",
                                   str(out), "--json", "-", "--device", "cpu"])
     assert r.exit_code == 0, r.output

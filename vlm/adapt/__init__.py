@@ -22,6 +22,7 @@ LORA_METHODS = {"lora": {}, "head-only": {"lr": 0.0, "layer_scale": "off"}}
 _LAZY = {
     "load_adapter": "io", "save_adapter": "io", "read_adapter_meta": "io",
     "finetune": "core", "Adapted": "core", "evaluate_adapter": "core", "exclude_groups": "core",
+    "validation_set": "core",
     "adapter_probabilities": "core",
     "LoraSettings": "lora", "LoraTargetError": "lora", "detect_targets": "lora", "find_candidates": "lora",
     "verify_targets": "lora", "train_lora": "lora",

@@ -47,6 +47,25 @@ def exclude_groups(data: LabelledData, used: LabelledData) -> LabelledData:
     return data.subset(keep)
 
 
+AUTO_VAL_SHOTS = 8  # validation images per class drawn from --data when no validation set is given
+
+
+def validation_set(data: LabelledData, train: LabelledData, val: LabelledData | None = None,
+                   val_shots: int | None = None, seed: int = 0) -> LabelledData | None:
+    """The validation images selection and the never-worse guard score: `val` (rows of training
+    patients removed; `val_shots` per class, source-matched, None = all), or, when no `val` is given,
+    `val_shots` (default AUTO_VAL_SHOTS) per class from the other patients of `data` - so the guard
+    runs by default. None when no image is left (e.g. every row was a shot)."""
+    from .guard import source_matched_sample  # same-source negatives for within-source selection
+
+    if val is None:
+        val, val_shots = data, AUTO_VAL_SHOTS if val_shots is None else val_shots
+    val = exclude_groups(val, train)
+    if val_shots is not None and len(val):
+        val = val.subset(source_matched_sample(val, val_shots, seed + 1))
+    return val if len(val) else None
+
+
 @torch.no_grad()
 def adapter_probabilities(backbone: Backbone, head, data: LabelledData, variants=("original",), cache=None,
                           batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +116,11 @@ def finetune(
     eval_variants=("original",),
 ) -> Adapted:
     """Sample `shots` per class from `data` (seeded; None = all rows), adapt, optionally evaluate
-    on `eval_data` (rows of training patients removed) and save the adapter folder."""
+    on `eval_data` (rows of training patients removed) and save the adapter folder.
+
+    `val`: the validation images of selection and the per-label guard; without them the guard cannot
+    run. `vlm-xray finetune` passes `validation_set(data, train)` by default (8 per class from the other
+    patients of `data`); do the same from Python for the same result."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if out_dir is not None:

@@ -76,9 +76,12 @@ def _settings(epochs, lr, head_lr, rank, lora_alpha, dropout, lora_text, no_augm
 @click.option("--shots", default="16", show_default=True, metavar="K|all", help="Shots per class (seeded); 'all' = every row.")
 @click.option("--out", "out_dir", required=True, type=click.Path(), metavar="DIR", help="Adapter folder to write.")
 @click.option("--val-data", default=None, type=click.Path(), metavar="CSV",
-              help="Validation CSV: LoRA early stopping (epoch 0 = zero-shot competes) and baseline hyper-parameters. "
-                   "May be --data itself: then the training patients are left out.")
-@click.option("--val-shots", default="all", show_default=True, metavar="K|all", help="Validation images per class.")
+              help="Validation CSV: LoRA early stopping (epoch 0 = zero-shot competes), baseline hyper-parameters and "
+                   "the per-label never-worse guard; training patients are left out. Default: 8 images per class "
+                   "from the other patients of --data (source-matched), so the guard always runs.")
+@click.option("--val-shots", default=None, metavar="K|all",
+              help="Validation images per class (same-source negatives added). Default: all rows of --val-data, "
+                   "8 per class when drawn from --data.")
 @click.option("--eval-data", default=None, type=click.Path(), metavar="CSV",
               help="Evaluate adapter vs zero-shot on this CSV (training patients left out) into the model card.")
 @click.option("--max-eval", default=0, type=click.IntRange(0),
@@ -101,29 +104,22 @@ def finetune_cmd(data_csv, label_set, model, method, shots, out_dir, val_data, v
     from ..labels import load_label_set
     from ..models import load_model
     from ..scoring import ImageEmbeddingCache
-    from ..adapt.core import exclude_groups, finetune
+    from ..adapt.core import exclude_groups, finetune, validation_set
 
     k = _parse_shots(shots)
     ls = load_label_set(label_set)
     backbone = load_model(model, device=resolve_device(device))
     data = _load_data(data_csv, ls, mapping)
-    val = None
-    if val_data:
-        val = _load_data(val_data, ls, mapping)
-        if _same_file(val_data, data_csv):
-            val = exclude_groups(val, data.subset(sample_shots(data, k, seed)))
-        vk = _parse_shots(val_shots)
-        if vk is not None:
-            from ..adapt.guard import source_matched_sample  # same-source negatives for within-source selection
-
-            val = val.subset(source_matched_sample(val, vk, seed + 1))
+    train = data.subset(sample_shots(data, k, seed))
+    given = _load_data(val_data, ls, mapping) if val_data else None
+    val = validation_set(data, train, given, _parse_shots(val_shots) if val_shots else None, seed)
     ev = _load_data(eval_data, ls, mapping) if eval_data else None
     if ev is not None and val is not None:
         ev = exclude_groups(ev, val)
     if ev is not None and max_eval:
         from ..adapt.study import _stratified_cap
 
-        ev = _stratified_cap(exclude_groups(ev, data.subset(sample_shots(data, k, seed))), max_eval, seed)
+        ev = _stratified_cap(exclude_groups(ev, train), max_eval, seed)
     settings = _settings(**lora_kw, seed=seed, max_steps=max_steps)
     cmd = invocation()
     finetune(backbone, ls, data, method=method, shots=k, seed=seed, styles=list(prompt_styles) or None, val=val,
