@@ -1,4 +1,4 @@
-"""The background writers: results are written (Jinja reports, plotly charts, JSON) on a thread
+"""The background writers: results are written (Jinja reports, chart specs, JSON) on a thread
 (`BackgroundWriter`) or a child process (`ProcessWriter`, what `vlm-xray batch` uses where fork
 exists), so the encoder loop does not wait on them.
 
@@ -81,8 +81,8 @@ def _exit_with_parent(parent: int) -> None:
 
 class ProcessWriter:
     """The same contract as `BackgroundWriter`, with the work done in a forked child process: report
-    rendering (Jinja, plotly's figure objects: pure Python, ~30 ms a report) then runs beside the
-    encoder loop instead of taking turns with it on this process's GIL.
+    rendering (Jinja, chart specs, JSON, two atomic files: ~2 ms of pure Python a report) then runs
+    beside the encoder loop instead of taking turns with it on this process's GIL.
 
     `work(*args)` runs in the child; `done(item, value)` runs here, in submission order, with what it
     returned (an item submitted without args only goes through `done`, with None, in its turn). At most `max_pending` submissions are in flight (memory stays flat; a slow disk slows the
