@@ -303,7 +303,7 @@ def batch_charts(data: _ChartData) -> dict[str, Markup]:
                       "textposition": "auto", "marker": {"color": "#b42318"},
                       "hovertemplate": "%{y}: %{x:.1%}<extra></extra>"}],
             "layout": chart_layout(f"Finding prevalence: share of the {n} images called positive", height,
-                              xaxis={"range": [0, 1], "tickformat": ".0%"}, yaxis={"automargin": True})}
+                                   xaxis={"range": [0, 1], "tickformat": ".0%"}, yaxis={"automargin": True})}
     boxes = [{"type": "box", "x": list(probs[lab]), "name": names[lab], "orientation": "h", "boxpoints": "outliers",
               "marker": {"color": "#475467"}, "hovertemplate": "%{x:.3f}<extra></extra>"}
              for lab in sorted(labels, key=lambda lab: -sum(probs[lab]) / max(1, len(probs[lab])))]
@@ -311,8 +311,8 @@ def batch_charts(data: _ChartData) -> dict[str, Markup]:
     common = thresholds.pop() if len(thresholds) == 1 and None not in thresholds else None
     dist = {"data": boxes,
             "layout": chart_layout("Distribution of probabilities per finding across images", height, "x", common,
-                              xaxis={"range": [0, 1], "title": {"text": "probability"}},
-                              yaxis={"autorange": "reversed", "automargin": True})}
+                                   xaxis={"range": [0, 1], "title": {"text": "probability"}},
+                                   yaxis={"autorange": "reversed", "automargin": True})}
     return {"prevalence": Markup(figure_div(prev, "batch-prevalence")),
             "distribution": Markup(figure_div(dist, "batch-distribution"))}
 

@@ -86,10 +86,11 @@ def figure_div(figure, div_id: str) -> str:
     spec = figure if isinstance(figure, dict) else json.loads(figure.to_json())
     layout = spec.get("layout", {})
     config = {**CHART_CONFIG, "toImageButtonOptions": {"format": "png", "filename": div_id}}
+    parts = (div_id, spec.get("data", []), layout, config)
     try:
-        args = ", ".join(safe_json(x, indent=None) for x in (div_id, spec.get("data", []), layout, config))
+        args = ", ".join(safe_json(x, indent=None) for x in parts)
     except ValueError:  # NaN/inf somewhere: only then pay for the walk that nulls them
-        args = ", ".join(safe_json(_finite(x), indent=None) for x in (div_id, spec.get("data", []), layout, config))
+        args = ", ".join(safe_json(_finite(x), indent=None) for x in parts)
     height = f"{int(layout['height'])}px" if "height" in layout else "100%"
     return (f'<div id="{escape(div_id)}" class="plotly-graph-div" style="height:{height}; width:100%;"></div>'
             f'<script type="text/javascript">if (document.getElementById({safe_json(div_id)})) '

@@ -538,11 +538,11 @@ def load_image(path: str | Path, options: LoadOptions | None = None, **overrides
     if decoded.min() == decoded.max():
         image.warnings.append("the image is blank (a single pixel value)")
     image.pixels = to_rgb(decoded)
-    image.is_grey = decoded.ndim == 2 or decoded.shape[2] == 1 or _equal_channels(image.pixels)
+    image.is_grey = decoded.ndim == 2 or decoded.shape[2] == 1 or equal_channels(image.pixels)
     return image
 
 
-def _equal_channels(rgb: np.ndarray) -> bool:
+def equal_channels(rgb: np.ndarray) -> bool:
     """Whether R = G = B everywhere; a colour image is told apart on a sparse sample first (no full pass)."""
     for view in (rgb[::16, ::16], rgb):
         if not (np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 1], view[..., 2])):

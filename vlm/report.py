@@ -7,7 +7,8 @@ The report is built from an `ImageResult` only (plus what we know about the mode
 result loaded back from its JSON renders the same report. All text reaches the page through
 autoescaped Jinja templates (`templates/report.html.j2`, `templates/report.md.j2`); chart
 divs are plain plotly.js specs written as HTML-safe JSON (`vlm.html.figure_div`). No network:
-plotly.js is inlined once per page unless `plotly_src` names a local copy (batch folders share `assets/plotly.min.js`).
+plotly.js is inlined once per page unless `plotly_src` names a local copy (batch folders share
+`assets/plotly.min.js`).
 """
 from __future__ import annotations
 
@@ -250,8 +251,8 @@ def probability_figure(result: ImageResult) -> dict:
              "marker": {"symbol": "line-ns-open", "size": 18, "color": "#1d2939", "line": {"width": 2}},
              "hovertemplate": "threshold %{x:.2f}<extra></extra>"}
     layout = chart_layout("Probability per finding (error bars: ±1 SD across variants × prompt styles)",
-                     140 + 26 * len(fs), "x", result.threshold,
-                     xaxis={"range": [0, 1], "title": {"text": "probability"}}, yaxis={"automargin": True})
+                          140 + 26 * len(fs), "x", result.threshold,
+                          xaxis={"range": [0, 1], "title": {"text": "probability"}}, yaxis={"automargin": True})
     return {"data": [bars, ticks], "layout": layout}
 
 
@@ -287,13 +288,16 @@ def top_findings_figure(result: ImageResult, k: int = 5) -> dict:
     return {"data": boxes, "layout": layout}
 
 
+def chart_specs(result: ImageResult) -> dict[str, dict]:
+    """The report's charts as plotly.js specs {data, layout}: probability bars, variant heatmap, top findings
+    (the HTML report draws them; the API returns them under `charts`)."""
+    return {"probabilities": probability_figure(result), "variants": variant_heatmap(result),
+            "top": top_findings_figure(result)}
+
+
 def chart_divs(result: ImageResult, prefix: str = "chart") -> dict[str, Markup]:
-    """Plotly divs (no plotly.js) for the report: probability bars, variant heatmap, top findings."""
-    return {
-        "probabilities": Markup(figure_div(probability_figure(result), f"{prefix}-probabilities")),
-        "variants": Markup(figure_div(variant_heatmap(result), f"{prefix}-variants")),
-        "top": Markup(figure_div(top_findings_figure(result), f"{prefix}-top")),
-    }
+    """`chart_specs` as plotly divs (no plotly.js) for the report."""
+    return {name: Markup(figure_div(spec, f"{prefix}-{name}")) for name, spec in chart_specs(result).items()}
 
 
 # ----------------------------------------------------------------------------- context + render

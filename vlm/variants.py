@@ -15,6 +15,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .images import equal_channels
+
 VariantFn = Callable[[np.ndarray], np.ndarray]
 _VARIANTS: dict[str, tuple[VariantFn, str]] = {}
 
@@ -33,7 +35,7 @@ def _per_channel_grey(rgb: np.ndarray, op: Callable[[np.ndarray], np.ndarray]) -
     """Apply a greyscale operation to luminance only, so colour photos keep their hue."""
     if rgb.ndim == 2:
         return op(rgb)
-    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+    if equal_channels(rgb):
         g = op(np.ascontiguousarray(rgb[..., 0]))
         return np.repeat(g[:, :, None], 3, axis=2)
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)

@@ -118,10 +118,9 @@ async def _score_upload(service: ScoringService, request: Request) -> tuple[dict
 
 
 def _charts(result) -> dict:
-    from ..report import probability_figure, top_findings_figure, variant_heatmap
+    from ..report import chart_specs
 
-    figures = {"probabilities": probability_figure, "variants": variant_heatmap, "top": top_findings_figure}
-    return {name: make(result) for name, make in figures.items()}  # plain plotly.js specs {data, layout}
+    return chart_specs(result)
 
 
 def _model_card(service: ScoringService) -> dict:
