@@ -80,7 +80,8 @@ def test_pipeline_streams_instead_of_preparing_everything_first(backbone, image_
     stream = scorer.score(paths)
     first = next(stream)
     assert str(first.image) == str(paths[0])
-    assert len(prepared) == 4  # one batch, not the whole list
+    # the batches of the encoder streams (one, or two plus one queued), not the whole list
+    assert len(prepared) in (4, 12)
     assert len(list(stream)) == len(paths) - 1
 
 
@@ -277,33 +278,58 @@ def test_ray_engine_takes_the_ood_stage_features_from_its_replicas(ray_local, im
     assert cache.hits == len(paths)
 
 
-def test_encoder_threads_leave_the_decode_workers_their_cores(backbone, image_dir, monkeypatch):
-    """With spinning OpenMP threads the encoder loop runs on the cores the decode workers leave (more
-    threads than free cores spin at every barrier); with sleeping ones (what `vlm-xray` sets) it keeps
-    torch's threads. torch's setting is restored when the stream ends."""
-    cpu = torch.device("cpu")
+def test_encoder_plan_runs_two_streams_on_a_cpu_and_spares_spinning_cores(monkeypatch):
+    """On a CPU the encoder runs two forward passes at once, each on half the threads; one stream on a GPU,
+    a single CPU, a compiled encoder or a single batch. With spinning OpenMP threads the loop keeps to the cores the
+    decode workers leave (more threads than free cores spin at every barrier)."""
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert scoring.passive_openmp() and scoring.encoder_threads(cpu, 1) is None
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    assert scoring.encoder_plan(cpu, 1) == (2, max(1, before // 2))
+    assert scoring.encoder_plan(cpu, 1, compiled=True) == (1, None)
+    assert scoring.encoder_plan(cpu, 0, batches=1) == (1, None)  # one image (analyze): as the API runs it
+    assert scoring.encoder_plan(torch.device("cuda"), 1) == (1, None)
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 1)
+    assert scoring.encoder_plan(cpu, 0) == (1, None)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
-    before = torch.get_num_threads()
-    assert scoring.encoder_threads(cpu, 0) is None  # no workers: torch's own setting
-    assert scoring.encoder_threads(cpu, 1) == 1 and scoring.encoder_threads(cpu, 4) == 1
-    assert scoring.encoder_threads(torch.device("cuda"), 1) is None
+    assert scoring.encoder_plan(cpu, 1) == (2, 1)
     monkeypatch.setattr(scoring, "available_cpus", lambda: 64)
-    assert scoring.encoder_threads(cpu, 8) == min(before, 56)  # never more than torch would use
-    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
-    seen = []
+    assert scoring.encoder_plan(cpu, 8) == (2, max(1, min(before, 56) // 2))  # never more than torch would use
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_two_encoder_streams_give_the_one_stream_results_in_order(backbone, mixed_inputs, monkeypatch, features):
+    """Two passes at once (threads) change neither the numbers nor the order, and the OOD stage features
+    each pass pools are its own batch's; torch's thread setting is restored afterwards."""
+    from vlm.scoring import encode_images
+
+    before, seen = torch.get_num_threads(), []
     real = scoring._forward
 
     def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scoring, "_forward", spy)
-    scorer = Scorer(backbone, load_label_set("chestxray14"), variants="original", num_workers=1, batch_size=2)
-    assert len(list(scorer.score(sorted(image_dir.iterdir())))) == 4
-    assert seen == [1, 1] and torch.get_num_threads() == before
+    runs = {}
+    for cpus in (1, 2):
+        monkeypatch.setattr(scoring, "available_cpus", lambda: cpus)
+        seen.clear()
+        runs[cpus] = list(encode_images(backbone, mixed_inputs, VARIANTS, batch_size=2, num_workers=1,
+                                        features=features))
+        assert torch.get_num_threads() == before
+        assert all(name.startswith("vlm-encoder") == (cpus == 2) for name, _ in seen) and len(seen) == 3
+    assert all(t == max(1, before // 2) for _, t in seen)
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert type(one) is type(two)
+        if isinstance(one, ImageFailure):
+            assert one.image == two.image and one.reason == two.reason
+            continue
+        assert one.path == two.path
+        assert torch.allclose(one.embeddings, two.embeddings, atol=1e-6)
+        if features:
+            assert np.allclose(one.features, two.features, atol=1e-5)
 
 
 def _square_or_fail(x):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -155,8 +156,11 @@ class StageFeatures:
         self.rows = None if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         self.pooled: list[torch.Tensor] = []
         self._handles: list = []
+        self._thread: int | None = None
 
     def _hook(self, _mod, _inp, out):
+        if threading.get_ident() != self._thread:
+            return  # another encoder stream's pass through the same module
         out = out[0] if isinstance(out, tuple) else out
         if out.dim() != 4:
             out = out.transpose(0, 1) if self.seq_first else out
@@ -166,6 +170,7 @@ class StageFeatures:
         self.pooled.append(torch.cat([out.mean(axes), out.std(axes)], 1).float())
 
     def __enter__(self) -> "StageFeatures":
+        self._thread = threading.get_ident()  # hooks see every thread's passes; this one pools its own
         self._handles = [m.register_forward_hook(self._hook) for m in self.stages]
         return self
 

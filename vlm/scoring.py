@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,7 +26,7 @@ from .models import Backbone
 from .prompt_classifier import TextClassifier, text_classifier  # noqa: F401
 from .results import Finding, ImageFailure, ImageResult
 from .text_cache import TextEmbeddingCache, default_cache_dir
-from .transforms import model_transform, variant_tensors  # noqa: F401
+from .transforms import cat_pixels, model_transform, normalise, variant_pixels, variant_tensors  # noqa: F401
 from .variants import resolve_variants
 
 
@@ -72,11 +72,12 @@ class _StoreLookup:
 
 @dataclass
 class PreparedImage:
-    """One input after the CPU stage: model tensors (V, 3, H, W), a stored embedding, or a failure."""
+    """One input after the CPU stage: model-size uint8 pixels (V, C, H, W; `variant_pixels`), a stored
+    embedding, or a failure."""
 
     path: str
     meta: dict = field(default_factory=dict)  # id, view, size, info
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # uint8, normalised on the encoder's device (`_forward`)
     cached: np.ndarray | None = None  # (V, D) from the store
     digest: str | None = None
     error: str | None = None
@@ -103,7 +104,7 @@ def prepare_image(path: str, variants: list[str], size: int, mean, std, load_opt
                     return PreparedImage(path, meta, cached=emb, digest=digest,
                                          cached_features=extra.get(FEATURES_VARIANT))
         image = load_image(path, load_options)
-        x = variant_tensors(image, variants, size, mean, std)
+        x = variant_pixels(image, variants, size)
         meta = {"view": image.view, "size": list(image.size), "info": image.result_info()}
         return PreparedImage(path, meta, pixels=x, digest=digest)
     except ImageLoadError as e:
@@ -129,11 +130,27 @@ class _VariantDataset(Dataset):
 
 
 def _collate(items: list[PreparedImage]) -> dict:
-    """In the worker: one (sum V, 3, H, W) tensor per batch - one shared-memory transfer, pinnable."""
+    """In the worker: one uint8 (sum V, C, H, W) tensor per batch - one shared-memory transfer, pinnable."""
     tensors = [it.pixels for it in items if it.pixels is not None]
     for it in items:
         it.pixels = None
-    return {"items": items, "pixels": torch.cat(tensors) if tensors else None}
+    return {"items": items, "pixels": cat_pixels(tensors) if tensors else None}
+
+
+@contextmanager
+def _single_threaded_opencv():
+    """While decode workers fork: they inherit OpenCV on one thread, as the encoder already has the other
+    cores (OpenCV's own pool - two threads on two cores - cost ~0.4 ms more CPU an image and stalled the
+    encoder's threads). Set in the parent, because cv2.setNumThreads in a forked child can hang on the
+    pool it inherited."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 class ImageEmbeddingCache:
@@ -204,18 +221,29 @@ def passive_openmp() -> bool:
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
-def encoder_threads(device: torch.device, workers: int) -> int | None:
-    """torch threads for the encoder loop while `workers` decode processes run beside it (CPU only).
+def encoder_plan(device: torch.device, workers: int, batches: int = 2, compiled: bool = False
+                 ) -> tuple[int, int | None]:
+    """(streams, torch threads) for the encoder loop on `device` over `batches` batches beside `workers`
+    decode processes.
 
-    With sleeping OpenMP threads (`passive_openmp`): torch's own setting (every core) - the workers
-    take a core only while they decode, a small share of a batch's time now. With spinning threads:
-    the cores the workers leave, at most what torch would use - a region is as fast as its slowest
-    thread, and a thread sharing its core with a busy worker spins at every barrier (on 2 cores,
-    2 threads + 1 worker ran 4-5x slower than 1 thread + 1 worker; benchmarks/RESULTS.md).
+    CPU: two streams - forward passes of consecutive batches running at once, each on half the threads.
+    A small tower's many small ops parallelise poorly inside one pass: on 2 cores one pass on 2 threads
+    ran 300-430 tensors/s where two passes on 1 thread each ran 500-540 (benchmarks/RESULTS.md). One
+    stream on a single CPU, on a GPU (the GPU is the encoder), for a compiled encoder (not re-entrant)
+    and for a single batch (an `analyze`: it then runs on torch's threads, as the API does, so the two
+    give the same numbers to the last bit; fewer threads round some sums differently). Threads: with sleeping OpenMP threads (`passive_openmp`) torch's own setting, split
+    over the streams; with spinning ones at most the cores the workers leave (a thread sharing its
+    core with a busy worker spins at every barrier: 2 threads + 1 worker ran 4-5x slower than 1 + 1).
     None: leave torch's setting alone."""
-    if device.type != "cpu" or workers <= 0 or passive_openmp():
-        return None
-    return max(1, min(torch.get_num_threads(), available_cpus() - workers))
+    if device.type != "cpu":
+        return 1, None
+    streams = 1 if compiled or batches < 2 or available_cpus() < 2 else 2
+    threads = torch.get_num_threads()
+    if workers > 0 and not passive_openmp():
+        threads = min(threads, available_cpus() - workers)
+    if streams == 1 and threads == torch.get_num_threads():
+        return 1, None
+    return streams, max(1, threads // streams)
 
 
 def _encoded(item: PreparedImage, emb: torch.Tensor, features: np.ndarray | None = None) -> EncodedImage:
@@ -235,14 +263,15 @@ def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_siz
 
 
 def _forward(backbone: Backbone, pixels: torch.Tensor, encoder, feature_rows=None):
-    """All variants of all images of a batch in one forward pass (channels-last + autocast on GPU).
+    """All variants of all images of a batch in one forward pass (channels-last + autocast on GPU);
+    pixels: uint8 (N, C, H, W) from `variant_pixels`, normalised here, on the model's device.
 
     feature_rows: batch rows whose OOD stage features are pooled in the same pass; then returns
     (embeddings, features (len(feature_rows), F)), else the embeddings."""
     device = backbone.device
+    pixels = normalise(pixels.to(device, non_blocking=True), backbone.mean, backbone.std)
     if device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    pixels = pixels.to(device, non_blocking=True)
     if feature_rows is None:
         with _autocast(device):
             return (encoder or backbone.encode_images)(pixels).float().cpu()
@@ -294,11 +323,12 @@ def encode_images(
 
         bar = tqdm(total=len(paths), desc="images", unit="img")
     loader = _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options)
-    threads, before = encoder_threads(backbone.device, loader.num_workers), torch.get_num_threads()
+    streams, threads = encoder_plan(backbone.device, loader.num_workers, len(loader), compiled=encoder is not None)
+    before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield from _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar)
+        yield from _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar, streams)
     finally:
         if threads is not None:
             torch.set_num_threads(before)
@@ -306,18 +336,18 @@ def encode_images(
         bar.close()
 
 
-def _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar):
-    """encode_images' loop: one forward pass per batch of the loader, results in input order."""
-    n_variants = len(variants)
-    for batch in loader:
+def _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar, streams: int = 1):
+    """encode_images' loop: one forward pass per batch of the loader (up to `streams` at once), results
+    stored and yielded in input order."""
+    with _single_threaded_opencv():
+        batches = iter(loader)  # forks the workers
+
+    @torch.no_grad()  # grad mode is per thread: the streams' threads need it too
+    def embed(batch: dict):
+        return _embed_batch(backbone, batch, variants, encoder, features)
+
+    for batch, (fresh, emb, feats) in in_order(batches, embed, streams):
         items: list[PreparedImage] = batch["items"]
-        fresh = [it for it in items if it.error is None and it.cached is None]
-        emb = feats = None
-        if fresh:
-            rows = feature_rows(len(fresh), variants) if features else None
-            out = _forward(backbone, batch["pixels"], encoder, rows)
-            emb, feats = out if rows is not None else (out, None)
-            emb = emb.view(len(fresh), n_variants, -1)
         if cache is not None:
             _store_batch(cache, lookup, fresh, emb, variants, items, feats)
         done = iter(range(len(fresh)))
@@ -331,6 +361,40 @@ def _encode_batches(backbone, loader, variants, cache, lookup, encoder, features
                 yield _encoded(it, emb[k], None if feats is None else feats[k])
         if bar is not None:
             bar.update(len(items))
+
+
+def _embed_batch(backbone, batch: dict, variants, encoder, features):
+    """(fresh items, embeddings (n, V, D), OOD stage features (n, F)) of one loader batch, by one forward
+    pass over the images not failed and not found in the store (None, None without any)."""
+    fresh = [it for it in batch["items"] if it.error is None and it.cached is None]
+    if not fresh:
+        return fresh, None, None
+    rows = feature_rows(len(fresh), variants) if features else None
+    out = _forward(backbone, batch["pixels"], encoder, rows)
+    emb, feats = out if rows is not None else (out, None)
+    return fresh, emb.view(len(fresh), len(variants), -1), feats
+
+
+def in_order(items: Iterator, fn, streams: int = 1) -> Iterator:
+    """(item, fn(item)) for each item, in order, with up to `streams` calls of fn running at once on
+    threads (one more queued, so no stream waits while this thread handles a finished one)."""
+    if streams <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="vlm-encoder") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) > streams:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
 
 
 def _store_batch(cache: ImageEmbeddingCache, lookup: _StoreLookup, fresh: list[PreparedImage], emb, variants,

@@ -1,13 +1,13 @@
 """Image pixels -> model tensors: THE resize + centre-crop, used by inference and training alike.
 
 `resize_center_crop` is open_clip's eval geometry (shorter side to `size`, centre crop) done in
-OpenCV so it runs in DataLoader workers without PIL round-trips; `model_transform` adds the [0, 1]
-scaling and mean/std normalisation. Pre-training, LoRA fine-tuning and scoring all call these, so
+OpenCV so it runs in DataLoader workers without PIL round-trips; `normalise` does the [0, 1]
+scaling and mean/std normalisation (in the engine, after the uint8 pixels reach the encoder's device);
+`model_transform` is the two together. Pre-training, LoRA fine-tuning and scoring all call these, so
 training and inference cannot drift apart. torch is imported only by the tensor functions.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
 import cv2
@@ -31,41 +31,60 @@ def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[top : top + size, left : left + size])
 
 
-@lru_cache(maxsize=8)
-def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
-    """(3, 256) float32: (v / 255 - mean) / std for every uint8 value v, computed with the very torch
-    ops of the per-pixel form, so looking pixels up gives the same float32 numbers, faster."""
+def model_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 (or one grey plane HxW) -> uint8 C x size x size, C = 3 (or 1): `resize_center_crop`,
+    channels first. What the engine's workers send: a quarter of the bytes of the normalised floats."""
+    img = resize_center_crop(pixels, size)
+    return img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
+
+
+def cat_pixels(tensors: Sequence):
+    """uint8 tensors (N_i, C_i, H, W) -> one (sum N_i, C, H, W); grey planes (C = 1) are repeated to three
+    channels only when colour images share the batch."""
     import torch
 
-    v = torch.arange(256, dtype=torch.float32).div_(255.0)[None, :]
-    m = torch.tensor(mean, dtype=torch.float32)[:, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None]
-    return ((v - m) / s).numpy()
+    if len({t.shape[-3] for t in tensors}) > 1:
+        tensors = [t.expand(*t.shape[:-3], 3, *t.shape[-2:]) for t in tensors]
+    return torch.cat(list(tensors))
+
+
+def normalise(pixels, mean, std):
+    """uint8 tensor (..., C, H, W), C = 3, or 1 for a grey plane that every channel reads -> float32
+    (..., 3, H, W): open_clip's eval normalisation ([0, 1] scaling, then mean/std per channel), on the
+    device the pixels are on (the engine normalises after the uint8 copy to the encoder's device)."""
+    import torch
+
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32).div_(255.0) - m) / s
 
 
 def model_transform(pixels: np.ndarray, size: int, mean, std):
     """uint8 HxWx3 (or one grey plane HxW) -> normalised float32 tensor 3 x size x size (open_clip's
-    eval transform: [0, 1] scaling, then mean/std per channel)."""
+    eval transform: resize + centre crop, [0, 1] scaling, then mean/std per channel)."""
     import torch
 
-    img = resize_center_crop(pixels, size)
-    table = _normalise_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    if img.ndim == 2:  # grey: every channel reads the same plane
-        return torch.from_numpy(np.take(table, img, axis=1))
-    return torch.from_numpy(np.stack([np.take(table[c], img[..., c]) for c in range(3)]))
+    return normalise(torch.from_numpy(model_pixels(pixels, size)), mean, std)
 
 
 def model_tensors(pixels: Sequence[np.ndarray], size: int, mean, std):
     """A list of uint8 HxWx3 images -> one (N, 3, size, size) tensor via `model_transform`."""
     import torch
 
-    return torch.stack([model_transform(p, size, mean, std) for p in pixels])
+    return normalise(cat_pixels([torch.from_numpy(model_pixels(p, size))[None] for p in pixels]), mean, std)
 
 
-def variant_tensors(image, variants: list[str], size: int, mean, std):
-    """(V, 3, size, size): each named preprocessing variant of `image.pixels`, model-transformed
-    (on one plane when the image is grey: the same numbers, a third of the work)."""
+def variant_pixels(image, variants: list[str], size: int):
+    """uint8 (V, C, size, size): each named preprocessing variant of `image.pixels`, resized and cropped;
+    C = 1 when the image is grey (varied and resized on one plane: the same numbers, a third of the work)."""
+    import torch
+
     from .variants import get_variant
 
     pixels = np.ascontiguousarray(image.pixels[..., 0]) if getattr(image, "is_grey", False) else image.pixels
-    return model_tensors([get_variant(v)(pixels) for v in variants], size, mean, std)
+    return torch.from_numpy(np.stack([model_pixels(get_variant(v)(pixels), size) for v in variants]))
+
+
+def variant_tensors(image, variants: list[str], size: int, mean, std):
+    """(V, 3, size, size): `variant_pixels`, normalised."""
+    return normalise(variant_pixels(image, variants, size), mean, std)

@@ -77,10 +77,10 @@ class _Prepare:
         index = np.concatenate([np.asarray(i, dtype=np.int64) for i in batch["i"]])
         paths = np.array([str(p) for chunk in batch["path"] for p in chunk], dtype=object)
         items = [prepare_image(p, *self.args) for p in paths]
-        pixels = np.zeros((len(items), len(variants), 3, size, size), np.float32)
+        pixels = np.zeros((len(items), len(variants), 3, size, size), np.uint8)  # normalised by the replica
         for k, it in enumerate(items):
             if it.pixels is not None:
-                pixels[k] = it.pixels.numpy()
+                pixels[k] = it.pixels.numpy()  # a grey plane (C = 1) fills the three channels
         return {"i": index, "path": paths, "pixels": pixels,
                 "fresh": np.array([it.pixels is not None for it in items]),
                 "cached": np.array([b"" if it.cached is None else np.asarray(it.cached, np.float32).tobytes()
@@ -148,7 +148,7 @@ class RayEngine:
     """address None: a local Ray instance (num_cpus: its CPUs, default all); num_workers: model replicas;
     threads_per_worker: torch threads of a CPU replica (default Ray's: its num_cpus, 1 - the other CPUs
     run the read/preprocess tasks, and more threads than free cores make torch spin, see
-    `vlm.scoring.encoder_threads`)."""
+    `vlm.scoring.encoder_plan`)."""
 
     encoder_class = _Encoder  # the replica; a subclass may wrap it (tests kill one mid-batch)
 
