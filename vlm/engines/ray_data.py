@@ -160,7 +160,9 @@ class RayEngine:
 
     def dataset(self, scorer, paths):
         ray = _init_ray(self.address, self.num_cpus)
-        from ..scoring import preprocessing_key
+        import torch
+
+        from ..scoring import encoder_plan, preprocessing_key
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in input order
@@ -180,9 +182,14 @@ class RayEngine:
                             num_cpus=1)
         features = scorer.variants if scorer.wants_ood_features else None
         args = (ModelSpec.of(scorer), features, self.threads_per_worker)
-        return ds.map_batches(self.encoder_class, fn_constructor_args=args,
-                              batch_size=scorer.batch_size, concurrency=self.num_workers or 1, num_gpus=gpus,
-                              num_cpus=0 if gpus else 1)
+        # each replica runs as many forward passes at once as the local engine's streams (vlm.scoring.encoder_plan):
+        # two on a local instance's CPU, one on a GPU or a cluster (there replicas scale with --num-workers, and a
+        # replica holding one CPU must not use two)
+        streams = 1 if gpus or self.address else encoder_plan(torch.device("cpu"), 1, batches=len(chunks))[0]
+        pool = ray.data.ActorPoolStrategy(size=self.num_workers or 1, max_concurrent_calls_per_actor=streams,
+                                          enable_true_multi_threading=streams > 1)
+        return ds.map_batches(self.encoder_class, fn_constructor_args=args, batch_size=scorer.batch_size,
+                              compute=pool, num_gpus=gpus, num_cpus=0 if gpus else 1)
 
     def results(self, scorer, paths, threshold) -> Iterator:
         paths = [str(p) for p in paths]
