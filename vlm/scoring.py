@@ -228,7 +228,7 @@ def encoder_plan(device: torch.device, workers: int, batches: int = 2, compiled:
 
     CPU: two streams - forward passes of consecutive batches running at once, each on half the threads.
     A small tower's many small ops parallelise poorly inside one pass: on 2 cores one pass on 2 threads
-    ran 300-430 tensors/s where two passes on 1 thread each ran 500-540 (benchmarks/RESULTS.md). One
+    ran 227 tensors/s where two passes on 1 thread each ran 407 (benchmarks/RESULTS.md, bench (c)). One
     stream on a single CPU, on a GPU (the GPU is the encoder), for a compiled encoder (not re-entrant)
     and for a single batch (an `analyze`: it then runs on torch's threads, as the API does, so the two
     give the same numbers to the last bit; fewer threads round some sums differently). Threads: with sleeping OpenMP threads (`passive_openmp`) torch's own setting, split

@@ -63,8 +63,9 @@ def single_threaded_blas():
 @contextmanager
 def one_torch_thread():
     """One image's scoring on one torch thread: a few products of (variants x D) rows, where waking the
-    encoder's other threads costs more than it gives (0.72 vs 1.86 CPU ms an image, measured). Process-wide,
-    so only for this single-threaded loop (the API server scores beside a running encoder)."""
+    encoder's other threads costs more than it gives (0.72 vs 1.86 CPU ms an image in development
+    profiling). Process-wide, so only for this single-threaded loop (the API server scores beside a
+    running encoder)."""
     import torch
 
     before = torch.get_num_threads()
