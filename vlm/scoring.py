@@ -231,9 +231,10 @@ def encoder_plan(device: torch.device, workers: int, batches: int = 2, compiled:
     ran 227 tensors/s where two passes on 1 thread each ran 407 (benchmarks/RESULTS.md, bench (c)). One
     stream on a single CPU, on a GPU (the GPU is the encoder), for a compiled encoder (not re-entrant)
     and for a single batch (an `analyze`: it then runs on torch's threads, as the API does, so the two
-    give the same numbers to the last bit; fewer threads round some sums differently). Threads: with sleeping OpenMP threads (`passive_openmp`) torch's own setting, split
-    over the streams; with spinning ones at most the cores the workers leave (a thread sharing its
-    core with a busy worker spins at every barrier: 2 threads + 1 worker ran 4-5x slower than 1 + 1).
+    give the same numbers to the last bit; fewer threads round some sums differently).
+    Threads: with sleeping OpenMP threads (`passive_openmp`) torch's own setting, split over the
+    streams; with spinning ones at most the cores the workers leave (a thread sharing its core with a
+    busy worker spins at every barrier: 2 threads + 1 worker ran 4-5x slower than 1 + 1).
     None: leave torch's setting alone."""
     if device.type != "cpu":
         return 1, None
