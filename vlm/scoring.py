@@ -138,6 +138,16 @@ def _collate(items: list[PreparedImage]) -> dict:
 
 
 @contextmanager
+def temporary_setting(get, set_, value):
+    """`set_(value)` for the block, the value `get()` gave before restored afterwards (thread counts)."""
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def _single_threaded_opencv():
     """While decode workers fork: they inherit OpenCV on one thread, as the encoder already has the other
     cores (OpenCV's own pool - two threads on two cores - cost ~0.4 ms more CPU an image and stalled the
@@ -145,12 +155,7 @@ def _single_threaded_opencv():
     pool it inherited."""
     import cv2
 
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
+    return temporary_setting(cv2.getNumThreads, cv2.setNumThreads, 1)
 
 
 class ImageEmbeddingCache:

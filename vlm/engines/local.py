@@ -60,7 +60,6 @@ def single_threaded_blas():
         yield
 
 
-@contextmanager
 def one_torch_thread():
     """One image's scoring on one torch thread: a few products of (variants x D) rows, where waking the
     encoder's other threads costs more than it gives (0.72 vs 1.86 CPU ms an image in development
@@ -68,9 +67,6 @@ def one_torch_thread():
     running encoder)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    from ..scoring import temporary_setting
+
+    return temporary_setting(torch.get_num_threads, torch.set_num_threads, 1)
