@@ -330,14 +330,10 @@ def encode_images(
         bar = tqdm(total=len(paths), desc="images", unit="img")
     loader = _loader(backbone, paths, variants, batch_size, num_workers, lookup, load_options)
     streams, threads = encoder_plan(backbone.device, loader.num_workers, len(loader), compiled=encoder is not None)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    held = (nullcontext() if threads is None
+            else temporary_setting(torch.get_num_threads, torch.set_num_threads, threads))
+    with held:
         yield from _encode_batches(backbone, loader, variants, cache, lookup, encoder, features, bar, streams)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(before)
     if bar is not None:
         bar.close()
 

@@ -33,7 +33,8 @@ def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def model_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
     """uint8 HxWx3 (or one grey plane HxW) -> uint8 C x size x size, C = 3 (or 1): `resize_center_crop`,
-    channels first. What the engine's workers send: a quarter of the bytes of the normalised floats."""
+    channels first. What the engine's workers send: a quarter of the bytes of the normalised floats (a
+    twelfth for a grey plane)."""
     img = resize_center_crop(pixels, size)
     return img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
 
