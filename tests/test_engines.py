@@ -355,12 +355,45 @@ def test_process_writer_runs_in_a_child_in_order_and_raises_its_error():
     assert [v[0] for _, v in got[:20]] == [i * i for i in range(20)] and got[-1][1] is None
     assert {v[1] for _, v in got[:20]} != {os.getpid()}  # rendered in another process
 
-    w = ProcessWriter(_square_or_fail, lambda item, value: None, max_pending=2)
     with pytest.raises(OSError, match="disk full"):
-        for i in range(30):
-            w.submit(i, i)
-        w.close()
-    w._pool.shutdown(cancel_futures=True)
+        with ProcessWriter(_square_or_fail, lambda item, value: None, max_pending=2) as w:
+            for i in range(30):
+                w.submit(i, i)
+    assert not w._child.is_alive()  # stopped after its error, not left running
+    with pytest.raises(OSError, match="disk full"):  # raised at close when it comes last
+        with ProcessWriter(_square_or_fail, lambda item, value: None) as w:
+            w.submit(7, 7)
+
+
+def _echo_big(data: bytes) -> bytes:
+    return data[::-1] * 2
+
+
+def test_process_writer_moves_big_tasks_and_results_without_deadlock():
+    """Tasks and results bigger than a pipe's buffer, many in flight: neither side may wait on the other."""
+    from vlm.engines import ProcessWriter
+
+    got = []
+    with ProcessWriter(_echo_big, lambda item, value: got.append((item, value)), max_pending=32) as w:
+        for i in range(40):
+            w.submit(i, bytes([i]) * 150_000)
+    assert [i for i, _ in got] == list(range(40))
+    assert all(v == bytes([i]) * 300_000 for i, v in got)
+
+
+def test_process_writer_names_a_child_that_died():
+    import signal
+
+    from vlm.engines import ProcessWriter
+
+    w = ProcessWriter(time.sleep, lambda item, value: None)
+    w.submit(0, 0.01)
+    w._wait()
+    os.kill(w.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="report writer process stopped unexpectedly"):
+        with w:
+            for i in range(5):
+                w.submit(i, 0.01)
 
 
 KILLED_PARENT = """
@@ -368,8 +401,8 @@ import os, sys, time
 from vlm.engines import ProcessWriter
 w = ProcessWriter(time.sleep, lambda item, value: None)
 w.submit(0, 0.01)
-w.close.__self__._reap(wait=True)
-print(list(w._pool._processes)[0], flush=True)
+w._wait()
+print(w.pid, flush=True)
 time.sleep(60)
 """
 

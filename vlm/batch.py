@@ -317,9 +317,19 @@ def batch_charts(data: _ChartData) -> dict[str, Markup]:
             "distribution": Markup(figure_div(dist, "batch-distribution"))}
 
 
+def collected_record(result: ImageResult, name: str) -> bytes:
+    """What the batch keeps of one image until the end: its index row, its chart values, and its rows of
+    findings.csv / findings.json already as their text (serialising them is most of the end's work)."""
+    rows = findings_rows([result])
+    record = {"row": _row(result, name), "chart": _chart_record(result),
+              "csv": _safe_csv(rows, FINDINGS_CSV_COLUMNS).split("\r\n", 1)[1],
+              "json": ",\n".join(textwrap.indent(safe_json(row), "  ") for row in rows)}
+    return json.dumps(record, ensure_ascii=False, allow_nan=True).encode("utf-8")
+
+
 class _Collected:
     """What the batch keeps of each finished image until the end, without keeping results in memory:
-    one compact JSON record per image (its index row, findings rows and chart values) spooled to a
+    one compact JSON record per image (`collected_record`: its index row, chart values and findings text) spooled to a
     temporary file in the output folder; memory holds only each record's offset. At the end the
     index, findings.csv/json and the charts are streamed from it in input order, so peak memory does
     not grow with the list (besides the paths themselves)."""
@@ -332,12 +342,14 @@ class _Collected:
         self.warned = 0
 
     def add(self, key: str, result: ImageResult, name: str) -> None:
-        record = {"row": _row(result, name), "findings": findings_rows([result]), "chart": _chart_record(result)}
-        data = json.dumps(record, ensure_ascii=False, allow_nan=True).encode("utf-8")
+        self.add_record(key, collected_record(result, name), bool(result.input_warnings))
+
+    def add_record(self, key: str, data: bytes, warned: bool) -> None:
+        """A record made by `collected_record` (in the report writer, beside the encoder)."""
         self._file.seek(0, os.SEEK_END)
         self._at[key] = (self._file.tell(), len(data))
         self._file.write(data)
-        self.warned += bool(result.input_warnings)
+        self.warned += warned
 
     def __contains__(self, key: str) -> bool:
         return key in self._at
@@ -373,13 +385,12 @@ def write_findings(out_dir: Path, collected: _Collected, keys: list[str]) -> Non
     the bytes equal `_safe_csv(rows, ...)` and `safe_json(rows) + "\n"` of the whole list."""
     with atomic_path(out_dir / "findings.csv") as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(to_csv([], FINDINGS_CSV_COLUMNS))  # the header
-        for rows in collected.records(keys, "findings"):
-            f.write(_safe_csv(rows, FINDINGS_CSV_COLUMNS).split("\r\n", 1)[1])
+        f.writelines(collected.records(keys, "csv"))
     with atomic_path(out_dir / "findings.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         first = True
-        for rows in collected.records(keys, "findings"):
-            for row in rows:
-                f.write(("[\n" if first else ",\n") + textwrap.indent(safe_json(row), "  "))
+        for chunk in collected.records(keys, "json"):
+            if chunk:  # an image without findings has none
+                f.write(("[\n" if first else ",\n") + chunk)
                 first = False
         f.write("[]\n" if first else "\n]\n")
 
@@ -513,26 +524,28 @@ def _prepare(run: _Run, out) -> str:
 
 
 def _report_task(result: ImageResult, reports_dir: Path, name: str, model: dict, clinical: str | None,
-                 plotly_src: str) -> str | None:
-    """Write one image's report (in the writer, possibly a child process): None, or why it failed."""
+                 plotly_src: str) -> tuple[str | None, bytes | None]:
+    """Write one image's report and make its collected record (in the writer, possibly a child process):
+    (None, record), or (why it failed, None)."""
     try:
         write_report(result, reports_dir, name, model, clinical, plotly_src)
     except OSError:
         raise  # the output folder is failing: stop (see _output_errors), do not blame the image
     except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
-        return f"report failed: {type(e).__name__}: {e}"
-    return None
+        return f"report failed: {type(e).__name__}: {e}", None
+    return None, collected_record(result, name)
 
 
-def _finish(run: _Run, key: str, result: ImageResult | ImageFailure, error: str | None) -> None:
+def _finish(run: _Run, key: str, result: ImageResult | ImageFailure, written: tuple | None) -> None:
     """Record a written report (or its failure, or the input's failure) - in the writer's `done`, in order."""
     if isinstance(result, ImageFailure):
         run.failures[key] = result
         return
+    error, record = written
     if error is not None:
         run.failures[key] = ImageFailure(result.image, error)
         return
-    run.collected.add(key, result, run.names[key])
+    run.collected.add_record(key, record, bool(result.input_warnings))
     run.summary.scored += 1
 
 
@@ -550,7 +563,8 @@ def _add_heatmaps(run: _Run, result: ImageResult) -> None:
 
 def _writer(done):
     """The report writer: a child process where fork exists (rendering then does not share this process's
-    GIL with the encoder loop), else a thread. `submit(item, *task_args)`; `done(item, error)` here."""
+    GIL with the encoder loop), else a thread. `submit(item, *task_args)`; `done(item, (error, record))`
+    here (None for an item without a task)."""
     from .engines import BackgroundWriter, ProcessWriter
 
     if ProcessWriter.available():
@@ -576,8 +590,8 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
                    file=sys.stderr, mininterval=0.5)
     written = [0]
 
-    def done(item, error) -> None:
-        _finish(run, item[0], item[1], error)
+    def done(item, report) -> None:
+        _finish(run, item[0], item[1], report)
         written[0] += 1
         if run.failures and written[0] % max(1, chunk_size) == 0:
             write_errors(run.out_dir, all_failures())
