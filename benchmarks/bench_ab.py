@@ -27,22 +27,28 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def one_run(pythonpath: str | None, list_csv: Path, warm_csv: Path, variants: str, root: Path) -> dict:
+def one_run(checkout: Path, list_csv: Path, warm_csv: Path, variants: str, root: Path) -> dict:
+    """One timed batch of the `vlm` in `checkout`: run from there, since `python -m` puts the working
+    directory first on sys.path, before PYTHONPATH (and the editable install)."""
     env = {**os.environ, "VLM_XRAY_CACHE": str(root / f"cache-{time.monotonic_ns()}"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env["PYTHONPATH"] = str(checkout)
     cli = [sys.executable, "-m", "vlm.cli", "-q", "batch", "--calibration", "none", "--threshold", "0.5",
            "--variants", variants]
     subprocess.run(cli + [str(warm_csv), "--out", str(root / f"warm-{time.monotonic_ns()}")], env=env,
-                   capture_output=True, check=True)
+                   capture_output=True, check=True, cwd=checkout)
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%U %S", *cli, str(list_csv), "--out",
-                           str(root / f"out-{time.monotonic_ns()}")], env=env, capture_output=True, text=True)
+                           str(root / f"out-{time.monotonic_ns()}")], env=env, capture_output=True, text=True,
+                          cwd=checkout)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"batch failed ({proc.returncode}): {proc.stderr[-2000:]}")
     user, system = proc.stderr.strip().splitlines()[-1].split()
+    import_check = subprocess.run([sys.executable, "-c", "import vlm; print(vlm.__file__)"], env=env, cwd=checkout,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    if not import_check.startswith(str(checkout)):
+        raise SystemExit(f"the run in {checkout} imported {import_check}: not the checkout under test")
     rates = re.findall(r"([\d.]+)img/s", proc.stderr)  # the progress bar's final rate: scoring, start-up excluded
     return {"wall_s": wall, "cpu_s": float(user) + float(system), "scoring_images_per_s": float(rates[-1])}
 
@@ -74,8 +80,8 @@ def main() -> None:
             list_csv, warm_csv = write_list(paths[1:], root / "list.csv"), write_list(paths[:1], root / "warm.csv")
             runs: dict[str, list[dict]] = {args.ref: [], "this checkout": []}
             for r in range(args.rounds):
-                for name, pp in ((args.ref, str(old)), ("this checkout", None)):
-                    got = one_run(pp, list_csv, warm_csv, args.variants, root)
+                for name, checkout in ((args.ref, old), ("this checkout", REPO)):
+                    got = one_run(checkout, list_csv, warm_csv, args.variants, root)
                     runs[name].append(got)
                     print(f"round {r + 1} {name:14s} " + "  ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
         finally:

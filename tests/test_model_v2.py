@@ -258,3 +258,40 @@ def test_text_padding_is_trimmed_without_changing_the_embeddings():
     with torch.no_grad():
         ref = torch.nn.functional.normalize(b.module.encode_text(full).float(), dim=-1)
         assert torch.allclose(b.encode_texts(texts), ref, atol=1e-5)
+
+
+def test_deferred_text_tower_is_built_on_first_text_and_equals_the_eager_model():
+    """Scoring loads the starter without its MiniLM tower (~0.8 s of start-up): images encode the same,
+    text builds the tower on first use, and from then on the model is the eagerly built one."""
+    import copy
+
+    from vlm.models import complete, load_model
+
+    eager = load_model("vlm-xray-starter")
+    lazy = load_model("vlm-xray-starter", defer_text=True)
+    assert "text" not in lazy.module._modules
+    x = torch.rand(3, 3, 128, 128)
+    texts = ["a chest x-ray with cardiomegaly", "no acute findings"]
+    with torch.no_grad():
+        assert torch.equal(lazy.encode_images(x), eager.encode_images(x))
+        assert "text" not in lazy.module._modules  # images never build it
+        copied = copy.deepcopy(lazy.module)
+        assert torch.equal(lazy.encode_texts(texts), eager.encode_texts(texts))
+    lazy_sd, eager_sd = lazy.module.state_dict(), eager.module.state_dict()
+    assert sorted(lazy_sd) == sorted(eager_sd) and all(torch.equal(lazy_sd[k], eager_sd[k]) for k in eager_sd)
+    assert lazy.fingerprint == eager.fingerprint and lazy.module.context_length == eager.module.context_length
+    assert not lazy.module.text.training  # built in the model's mode
+    assert "text" not in copied._modules and complete(copied) is copied and "text" in copied._modules
+
+
+def test_scoring_with_prompts_in_the_store_never_builds_the_text_tower(image_dir):
+    from vlm.api import load_scorer
+
+    image = sorted(image_dir.iterdir())[0]
+    first = load_scorer(calibration="none", variants=["original"], ood="off")
+    expected = next(first.score([image]))
+    assert "text" in first.backbone.module._modules  # the prompts were not in the store: encoded
+    again = load_scorer(calibration="none", variants=["original"], ood="off")
+    got = next(again.score([image]))
+    assert "text" not in again.backbone.module._modules  # every prompt embedding came from the store
+    assert [f.probability for f in got.findings] == [f.probability for f in expected.findings]

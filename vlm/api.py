@@ -79,7 +79,8 @@ def load_scorer(
     from .text_cache import TextEmbeddingCache
 
     label_set = labels if isinstance(labels, LabelSet) else load_label_set(labels)
-    backbone = load_model(model, device=resolve_device(device))
+    # no adapter: the text tower is only built if a prompt embedding is not in the store
+    backbone = load_model(model, device=resolve_device(device), defer_text=not adapter)
     text_cache = text_cache or TextEmbeddingCache()
     base, head = backbone, None
     if adapter:

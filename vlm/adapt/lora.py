@@ -31,7 +31,7 @@ from ..data import LabelledData
 from ..images import ImageLoadError, load_image
 from ..labels import LabelSet
 from ..metrics import confident_gain, per_label_confident_gain, selection_auc
-from ..models import Backbone
+from ..models import Backbone, complete
 from ..prompt_classifier import build_prompt_classifier, text_classifier
 from ..transforms import model_tensors
 from ..variants import get_variant
@@ -57,7 +57,7 @@ class LoraTargetError(ValueError):
 # ----------------------------------------------------------------------------- target detection
 
 def tower_prefix(module: nn.Module, tower: str) -> str | None:
-    names = dict(module.named_modules())
+    names = dict(complete(module).named_modules())
     for p in (IMAGE_TOWERS if tower == "image" else TEXT_TOWERS):
         if p in names:
             return p
@@ -122,7 +122,7 @@ def verify_targets(backbone: Backbone, names: list[str], tower: str, rank: int =
 
     if not names:
         return [], {}
-    probe = copy.deepcopy(backbone.module).eval()
+    probe = copy.deepcopy(complete(backbone.module)).eval()
     inject_adapter_in_model(_lora_config(names, rank, 2 * rank, 0.0), probe)
     base = _probe_output(backbone, probe, tower)
     ref = base.abs().max().item() or 1.0
@@ -365,7 +365,7 @@ def apply_lora(base_module: nn.Module, config, lora_state: dict[str, torch.Tenso
     fresh copy starts from the untouched base weights)."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    module = copy.deepcopy(base_module)
+    module = copy.deepcopy(complete(base_module))  # a deferred text tower is built first: LoRA may target it
     inject_adapter_in_model(config, module)
     res = set_peft_model_state_dict(module, lora_state)
     unexpected = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
@@ -408,7 +408,7 @@ def _lora_module(backbone: Backbone, st: LoraSettings, towers: tuple[str, ...]):
     det = detect_targets(backbone, towers)
     names = [n for t in towers for n in det["targets"][t]]
     config = _lora_config(names, st.rank, st.alpha, st.dropout)
-    module = copy.deepcopy(backbone.module)
+    module = copy.deepcopy(complete(backbone.module))
     for p in module.parameters():
         p.requires_grad_(False)
     torch.manual_seed(st.seed)

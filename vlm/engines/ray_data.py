@@ -51,7 +51,8 @@ class ModelSpec:
         from ..api import resolve_device
         from ..models import load_model
 
-        backbone = load_model(self.model, device=self.device or resolve_device("auto"))
+        # a replica only encodes images: its text tower is never built without an adapter
+        backbone = load_model(self.model, device=self.device or resolve_device("auto"), defer_text=not self.adapter)
         if self.adapter:
             from ..adapt import load_adapter
 

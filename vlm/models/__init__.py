@@ -13,13 +13,13 @@ from importlib import resources
 from pathlib import Path
 
 from ..fileio import read_yaml
-from .base import Backbone, ModelLoadError, file_fingerprint, state_dict_fingerprint
+from .base import Backbone, ModelLoadError, complete, file_fingerprint, state_dict_fingerprint
 from .layouts import LAYOUTS, build_open_clip, load_open_clip_dir, load_open_clip_pretrained, load_openai_file, load_path
 
 DEFAULT_MODEL = "vlm-xray-starter"
 
 __all__ = ["Backbone", "ModelLoadError", "DEFAULT_MODEL", "LAYOUTS", "load_model", "list_models", "model_registry",
-           "build_open_clip", "file_fingerprint", "state_dict_fingerprint", "bundled_dir"]
+           "build_open_clip", "complete", "file_fingerprint", "state_dict_fingerprint", "bundled_dir"]
 
 
 def bundled_dir() -> Path:
@@ -53,20 +53,20 @@ def list_models() -> list[dict]:
             for k, v in model_registry().items()]
 
 
-def _load_bundled(name: str, entry: dict) -> Backbone:
+def _load_bundled(name: str, entry: dict, defer_text: bool = False) -> Backbone:
     path = bundled_dir().parent / entry["path"]
     if not (path / "open_clip_config.json").is_file():
         raise ModelLoadError(
             f"bundled model {name!r} is not in this installation (looked in {path}). "
             f"Reinstall vlm-xray, or train it with `vlm-xray pretrain` and pass --model PATH.")
-    return load_open_clip_dir(path, name)
+    return load_open_clip_dir(path, name, defer_text)
 
 
-def _load_hub(name: str, entry: dict) -> Backbone:
+def _load_hub(name: str, entry: dict, defer_text: bool = False) -> Backbone:
     return load_open_clip_pretrained(entry["id"], entry.get("pretrained"), name)
 
 
-def _load_user_file(name: str, entry: dict) -> Backbone:
+def _load_user_file(name: str, entry: dict, defer_text: bool = False) -> Backbone:
     found = _file_candidates(entry, existing_only=True)
     if not found:
         looked = ", ".join(str(c) for c in _file_candidates(entry)) or "(nowhere)"
@@ -74,22 +74,25 @@ def _load_user_file(name: str, entry: dict) -> Backbone:
     return load_openai_file(found[0], name)
 
 
-# registry.yaml `kind` -> loader of that kind of entry
+# registry.yaml `kind` -> loader of that kind of entry: (name, entry, defer_text) -> Backbone
 REGISTRY_KINDS = {"bundled": _load_bundled, "open_clip": _load_hub, "file": _load_user_file}
 
 
-def load_model(name_or_path: str | None = None, device: str = "cpu") -> Backbone:
+def load_model(name_or_path: str | None = None, device: str = "cpu", defer_text: bool = False) -> Backbone:
+    """The model `name_or_path` names (None: the bundled starter) on `device`. defer_text: a pretrained HF
+    text tower (the starters' MiniLM) is built when text is first encoded, not now - for scoring, whose
+    prompt embeddings usually come from the store (`vlm.models.deferred_text`)."""
     spec = name_or_path or DEFAULT_MODEL
     reg = model_registry()
     if spec in reg:
         kind = reg[spec]["kind"]
         if kind not in REGISTRY_KINDS:
             raise ModelLoadError(f"registry entry {spec!r} has unknown kind {kind!r}")
-        backbone = REGISTRY_KINDS[kind](spec, reg[spec])
+        backbone = REGISTRY_KINDS[kind](spec, reg[spec], defer_text)
     elif spec.startswith("hf-hub:"):
         backbone = load_open_clip_pretrained(spec, None, spec)
     elif Path(spec).expanduser().exists():
-        backbone = load_path(Path(spec).expanduser(), Path(spec).name)
+        backbone = load_path(Path(spec).expanduser(), Path(spec).name, defer_text)
     elif ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
         arch, tag = spec.split(":", 1)
         backbone = load_open_clip_pretrained(arch, tag, spec)

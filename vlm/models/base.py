@@ -75,6 +75,14 @@ class Backbone:
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
+def complete(module: nn.Module) -> nn.Module:
+    """`module` with every tower built: a model whose text tower is deferred (`vlm.models.deferred_text`)
+    builds it now; any other model is returned as it is. For code that walks modules or parameters."""
+    if hasattr(type(module), "materialize_text"):
+        module.materialize_text()
+    return module
+
+
 def read_side_files(folder: Path) -> dict:
     """card, metrics and shipped calibrations of a model folder (each optional)."""
     from ..fileio import read_json

@@ -28,8 +28,9 @@ from .base import OPENAI_MEAN, OPENAI_STD, Backbone, ModelLoadError, file_finger
 
 @dataclass(frozen=True)
 class Layout:
-    """A checkpoint layout: `detect(path)` says whether a file or folder is in it; `load(path, name)`
-    reads it into a `Backbone`."""
+    """A checkpoint layout: `detect(path)` says whether a file or folder is in it; `load(path, name,
+    defer_text=False)` reads it into a `Backbone` (defer_text: a pretrained HF text tower is built on first
+    use, where the layout has one; the others ignore it)."""
 
     name: str
     detect: Callable[[Path], bool]
@@ -62,9 +63,9 @@ def find_layout(path: Path) -> Layout:
                          f"or .safetensors")
 
 
-def load_path(path: Path, name: str | None = None) -> Backbone:
+def load_path(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
     """Load a checkpoint file or folder in whichever registered layout it is."""
-    return find_layout(path).load(path, name)
+    return find_layout(path).load(path, name, defer_text=defer_text)
 
 # HF text models that a pip package ships locally, so the starter loads with no network.
 def resolve_text_model(name: str) -> str:
@@ -143,11 +144,8 @@ def _open_clip_tokenizer(text_cfg: dict):
     return SimpleTokenizer(context_length=ctx)
 
 
-def build_open_clip(model_cfg: dict, pretrained_text: bool = False) -> nn.Module:
-    """Instantiate an open_clip CLIP/CustomTextCLIP from a model config dict (random init,
-    except an HF text tower, which loads its pretrained weights when `pretrained_text`)."""
-    from open_clip.model import CLIP, CustomTextCLIP
-
+def _clip_kwargs(model_cfg: dict, pretrained_text: bool) -> tuple[bool, dict]:
+    """(custom text tower?, open_clip CLIP/CustomTextCLIP keyword arguments) of a model config dict."""
     from . import towers  # noqa: F401 - registers vlm's own timm towers (convvit_*, edgenext_xx_small_attn2)
 
     cfg = json.loads(json.dumps(model_cfg))
@@ -162,8 +160,46 @@ def build_open_clip(model_cfg: dict, pretrained_text: bool = False) -> nn.Module
         cfg["vision_cfg"]["timm_model_pretrained"] = False  # image weights come from our checkpoint
     for k in ("multimodal_cfg",):
         cfg.pop(k, None)
+    return custom, cfg
+
+
+def build_open_clip(model_cfg: dict, pretrained_text: bool = False) -> nn.Module:
+    """Instantiate an open_clip CLIP/CustomTextCLIP from a model config dict (random init,
+    except an HF text tower, which loads its pretrained weights when `pretrained_text`)."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    custom, cfg = _clip_kwargs(model_cfg, pretrained_text)
     with _quiet_transformers():
         return (CustomTextCLIP if custom else CLIP)(**cfg)
+
+
+def build_deferred_text_clip(model_cfg: dict, text_state: dict, source: str) -> nn.Module:
+    """`build_open_clip(model_cfg, pretrained_text=True)` for an HF text tower, with that tower built on
+    first use (`vlm.models.deferred_text`); `text_state`: the checkpoint's text.* entries, prefix removed."""
+    from open_clip.model import _build_text_tower
+
+    from .deferred_text import DeferredTextCLIP
+
+    _, cfg = _clip_kwargs(model_cfg, pretrained_text=True)
+    text_cfg = cfg.pop("text_cfg")
+
+    def build_text() -> nn.Module:
+        with _quiet_transformers():
+            return _build_text_tower(cfg["embed_dim"], text_cfg, cfg.get("quick_gelu", False))
+
+    return DeferredTextCLIP(build_text, text_state, source, **cfg)
+
+
+class _DeferredTokenizer:
+    """A tokenizer made on its first call (an HF tokenizer loads its files and transformers' code)."""
+
+    def __init__(self, make: Callable):
+        self._make, self._tokenizer = make, None
+
+    def __call__(self, *args, **kwargs):
+        if self._tokenizer is None:
+            self._tokenizer = self._make()
+        return self._tokenizer(*args, **kwargs)
 
 
 @contextmanager
@@ -207,16 +243,18 @@ def _is_hf_clip(path: Path) -> bool:
 
 
 @register_layout("open_clip folder", lambda p: _folder_with(p, "open_clip_config.json") is not None)
-def _open_clip_layout(path: Path, name: str | None = None) -> Backbone:
-    return load_open_clip_dir(_folder_with(path, "open_clip_config.json"), name)
+def _open_clip_layout(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
+    return load_open_clip_dir(_folder_with(path, "open_clip_config.json"), name, defer_text)
 
 
 @register_layout("Hugging Face CLIPModel folder", _is_hf_clip)
-def _hf_clip_layout(path: Path, name: str | None = None) -> Backbone:
+def _hf_clip_layout(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
     return load_hf_clip_dir(_folder_with(path, "config.json"), name)
 
 
-def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
+def load_open_clip_dir(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
+    """An open_clip folder. defer_text: an HF text tower that comes pretrained from its package is built
+    (and its tokenizer made) when text is first encoded - see `vlm.models.deferred_text`."""
     cfg_path = path / "open_clip_config.json"
     cfg = read_json(cfg_path, "open_clip model config", ModelLoadError)
     model_cfg = cfg.get("model_cfg", cfg)
@@ -236,7 +274,12 @@ def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
     text_in_file = any(k.startswith("text.transformer.") for k in sd)
     # A starter-style checkpoint stores only what it trained; the locked text tower comes
     # pretrained from its package. Any other missing key is an error, not random init.
-    model = build_open_clip(model_cfg, pretrained_text=hf_text and not text_in_file)
+    defer_text = defer_text and hf_text and not text_in_file
+    if defer_text:
+        text_state = {k[len("text."):]: sd.pop(k) for k in [k for k in sd if k.startswith("text.")]}
+        model = build_deferred_text_clip(model_cfg, text_state, str(weights[0]))
+    else:
+        model = build_open_clip(model_cfg, pretrained_text=hf_text and not text_in_file)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = [k for k in missing if hf_text and not text_in_file and k.startswith("text.transformer.")]
     bad_missing = sorted(set(missing) - set(allowed_missing))
@@ -254,7 +297,8 @@ def load_open_clip_dir(path: Path, name: str | None = None) -> Backbone:
     return Backbone(
         name=name or path.name,
         module=model,
-        tokenize=_open_clip_tokenizer(model_cfg["text_cfg"]),
+        tokenize=(_DeferredTokenizer(lambda: _open_clip_tokenizer(model_cfg["text_cfg"])) if defer_text
+                  else _open_clip_tokenizer(model_cfg["text_cfg"])),
         image_size=_image_size(model_cfg.get("vision_cfg", {}), pre),
         mean=tuple(pre.get("mean", OPENAI_MEAN)),
         std=tuple(pre.get("std", OPENAI_STD)),
@@ -298,7 +342,7 @@ def backbone_from_openai_state_dict(sd: dict, path: Path, name: str, layout: str
 
 @register_layout("OpenAI/CheXzero state dict",
                  lambda p: p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
-def load_openai_file(path: Path, name: str | None = None) -> Backbone:
+def load_openai_file(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
     try:
         sd = _load_state_dict(path)
     except ModelLoadError:
@@ -374,7 +418,7 @@ def load_hf_clip_dir(path: Path, name: str | None = None) -> Backbone:
 
 
 @register_layout("OpenAI-layout safetensors", lambda p: p.is_file() and p.suffix == ".safetensors")
-def load_safetensors_file(path: Path, name: str | None = None) -> Backbone:
+def load_safetensors_file(path: Path, name: str | None = None, defer_text: bool = False) -> Backbone:
     sd = _load_state_dict(path)
     if is_openai_state_dict(sd):
         return backbone_from_openai_state_dict(sd, path, name or path.stem, "OpenAI-layout safetensors")
