@@ -73,7 +73,8 @@ class BackgroundWriter:
 
 def _exit_with_parent(parent: int) -> None:
     """In the writer's child: exit when the batch process is gone (killed: SIGKILL leaves no chance to
-    stop the child, and a forked child holds both ends of its task pipe, so it would wait forever)."""
+    stop the child, and the processes forked from the batch after it - its decode workers - hold the
+    write end of the task pipe, so the child could wait on it for a while)."""
 
     def watch() -> None:
         while os.getppid() == parent:
