@@ -14,6 +14,7 @@ the eagerly built one. Until then `state_dict()` and `named_modules()` have no `
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -21,6 +22,10 @@ from open_clip.model import CustomTextCLIP
 from torch import nn
 
 from .base import ModelLoadError
+
+# one build at a time (the API server may encode two new prompt sets at once); module-level, as a lock in
+# the model would stop it being deep-copied
+_BUILD_LOCK = threading.RLock()
 
 # what CustomTextCLIP builds in place of the real tower during __init__ (removed right after): as small as it goes
 _PLACEHOLDER_TEXT_CFG = {"context_length": 1, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
@@ -47,8 +52,12 @@ class DeferredTextCLIP(CustomTextCLIP):
         return getattr(self, name)
 
     def materialize_text(self) -> nn.Module:
-        if "text" in self._modules:
-            return self._modules["text"]
+        with _BUILD_LOCK:
+            if "text" not in self._modules:
+                self._build_and_register_text()
+        return self._modules["text"]
+
+    def _build_and_register_text(self) -> None:
         text = self._build_text()
         missing, unexpected = text.load_state_dict(self._text_state, strict=False)
         bad_missing = [k for k in missing if not k.startswith("transformer.")]  # pretrained, from its package
@@ -58,4 +67,3 @@ class DeferredTextCLIP(CustomTextCLIP):
         self.text = text.to(next(self.visual.parameters()).device).train(self.training)
         self.context_length, self.vocab_size = text.context_length, text.vocab_size
         self._text_state = {}
-        return text
