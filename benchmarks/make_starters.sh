@@ -35,5 +35,7 @@ for m in vlm-xray-starter vlm-xray-starter-unseen; do
   python -m vlm.ood fit --model $B/$m --domain chest=chestxray14,chest4 --data chest=$D/nih14 --data chest=$D/chest4 \
     --domain skin=skin12 --data skin=$D/skin --out $B/$m
 done
+python -m vlm.text_cache ship $B/vlm-xray-starter --labels chestxray14,chest4,skin12
+python -m vlm.text_cache ship $B/vlm-xray-starter-unseen --labels chestxray14,chest4
 python benchmarks/within_source.py --model $B/vlm-xray-starter --name vlm-xray-starter \
   --model $B/vlm-xray-starter-unseen --name vlm-xray-starter-unseen --write-card

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from types import SimpleNamespace
 
@@ -72,6 +73,21 @@ def test_atomic_path_keeps_suffix_for_numpy(tmp_path):
     with np.load(f) as z:
         assert z["a"].tolist() == [0, 1, 2]
     assert _leftovers(tmp_path, {"emb.npz"}) == []
+
+
+def test_atomic_path_gives_normal_permissions_to_a_writer_that_replaces_the_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    f = tmp_path / "w.safetensors"
+    with atomic_path(f) as tmp:
+        save_file({"a": np.arange(3)}, str(tmp))  # safetensors writes a new 0600 file in its place
+    assert f.stat().st_mode & 0o777 == 0o666 & ~_umask_now()
+
+
+def _umask_now() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_atomic_dir_replaces_folder_as_a_whole_or_not_at_all(tmp_path):

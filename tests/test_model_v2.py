@@ -286,12 +286,49 @@ def test_deferred_text_tower_is_built_on_first_text_and_equals_the_eager_model()
 
 def test_scoring_with_prompts_in_the_store_never_builds_the_text_tower(image_dir):
     from vlm.api import load_scorer
+    from vlm.text_cache import TextEmbeddingCache
 
     image = sorted(image_dir.iterdir())[0]
-    first = load_scorer(calibration="none", variants=["original"], ood="off")
+    encoding = TextEmbeddingCache(use_shipped=False)  # what a model folder without shipped embeddings does
+    first = load_scorer(calibration="none", variants=["original"], ood="off", text_cache=encoding)
     expected = next(first.score([image]))
-    assert "text" in first.backbone.module._modules  # the prompts were not in the store: encoded
-    again = load_scorer(calibration="none", variants=["original"], ood="off")
+    assert encoding.encoded > 0 and "text" in first.backbone.module._modules  # the prompts were encoded
+    again = load_scorer(calibration="none", variants=["original"], ood="off", text_cache=TextEmbeddingCache(use_shipped=False))
     got = next(again.score([image]))
     assert "text" not in again.backbone.module._modules  # every prompt embedding came from the store
     assert [f.probability for f in got.findings] == [f.probability for f in expected.findings]
+
+
+def test_shipped_prompt_embeddings_equal_encoding_them_and_spare_the_text_tower(image_dir):
+    """The starters ship their label sets' prompt embeddings (python -m vlm.text_cache ship): a cold store
+    scores with them and no text encoder pass, with the probabilities encoding would give."""
+    from vlm.api import load_scorer
+    from vlm.text_cache import TextEmbeddingCache
+
+    image = sorted(image_dir.iterdir())[0]
+    encoding = TextEmbeddingCache(enabled=False, use_shipped=False)
+    expected = next(load_scorer(calibration="none", ood="warn", text_cache=encoding).score([image]))
+    shipped = TextEmbeddingCache(enabled=False)  # a cold store: nothing from earlier runs
+    scorer = load_scorer(calibration="none", ood="warn", text_cache=shipped)
+    got = next(scorer.score([image]))
+    assert encoding.encoded > 0 and shipped.encoded == 0 and shipped.shipped == encoding.encoded
+    assert "text" not in scorer.backbone.module._modules
+    assert [f.probability for f in got.findings] == [f.probability for f in expected.findings]
+    assert got.ood == expected.ood
+
+
+def test_shipped_prompt_embeddings_of_other_weights_are_not_used(tmp_path):
+    """A model folder whose files changed (another fingerprint) encodes its prompts, whatever it ships."""
+    import shutil
+
+    from vlm.models import bundled_dir, load_model
+    from vlm.text_cache import TextEmbeddingCache
+
+    folder = tmp_path / "changed"
+    shutil.copytree(bundled_dir() / "vlm-xray-starter", folder)
+    config = folder / "open_clip_config.json"
+    config.write_text(config.read_text() + "\n")  # the same model, but not the files it shipped for
+    backbone = load_model(str(folder))
+    cache = TextEmbeddingCache(enabled=False)
+    cache.embed(backbone, ["a chest x-ray with cardiomegaly", "no acute findings"])
+    assert backbone.text_embeddings is not None and cache.shipped == 0 and cache.encoded == 2

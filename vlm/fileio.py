@@ -70,6 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     with _atomic_fd(path) as (fd, tmp):
         os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) replace the file, with 0600
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+SHIPPED_TEXT_EMBEDDINGS = "text-embeddings.safetensors"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -41,6 +42,9 @@ class Backbone:
     # metrics.json (training/validation record) and calibration-LABELSET.json files.
     metrics: dict | None = None
     calibrations: dict[str, Path] = field(default_factory=dict)  # label-set name -> calibration file
+    # text-embeddings.safetensors: its label sets' prompt embeddings, computed with this model when it was
+    # made (`python -m vlm.text_cache ship`); used in place of encoding them while the fingerprint matches
+    text_embeddings: Path | None = None
 
     def calibration_for(self, label_set_name: str) -> Path | None:
         """The calibration this model ships for a label set (fitted on data it was trained with), if any."""
@@ -89,7 +93,9 @@ def read_side_files(folder: Path) -> dict:
 
     card = folder / "README.md"
     metrics = folder / "metrics.json"
+    texts = folder / SHIPPED_TEXT_EMBEDDINGS
     return {
+        "text_embeddings": texts if texts.is_file() else None,
         "card": card.read_text(encoding="utf-8") if card.is_file() else None,
         "metrics": read_json(metrics, "model metrics", ModelLoadError) if metrics.is_file() else None,
         "calibrations": {f.name[len("calibration-"):-len(".json")]: f

@@ -97,7 +97,20 @@ def stage2_card(folder: Path, m: dict) -> str:
     text = render("model_card_stage2.md.j2", name=folder.resolve().name, m={**m, "data": data}, c=m["config"],
                   size=cfg["preprocess_cfg"]["size"], ci_text=ci_text, ev=ev, calibrations=_calibrations(folder),
                   has_ood=(folder / "ood-stats.safetensors").is_file(),
+                  text_label_sets=_shipped_text_label_sets(folder),
                   attn_targets=[t for t in m["lora_target_linears"] if ".attn." in t],
                   command=_portable(m.get("command")), base_command=_portable(m.get("base_command")))
     atomic_write_text(folder / "README.md", text)
     return text
+
+
+def _shipped_text_label_sets(folder: Path) -> str:
+    """The label sets text-embeddings.safetensors was made for, as the card names them ('' without one)."""
+    from safetensors import safe_open
+
+    path = folder / "text-embeddings.safetensors"
+    if not path.is_file():
+        return ""
+    with safe_open(str(path), framework="np") as f:
+        names = (f.metadata() or {}).get("label_sets", "")
+    return ", ".join(f"`{n}`" for n in names.split(",") if n)
