@@ -3,7 +3,9 @@
 Prompt ensembles are re-used across runs; encoding them is pure waste after the first
 time. Vectors live in `vlm.store` (one SQLite file shared with the image embeddings, safe for
 concurrent runs, bounded); this class keeps an in-memory table per model on top and counts
-how many texts really went through a text encoder.
+how many texts really went through a text encoder. A model folder may ship its label sets' prompt
+embeddings (text-embeddings.safetensors, `python -m vlm.text_cache ship`): a text missing from the
+store is taken from there while the model's fingerprint matches the file's, before it is encoded.
 """
 from __future__ import annotations
 
