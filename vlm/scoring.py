@@ -84,9 +84,10 @@ class PreparedImage:
     cached_features: np.ndarray | None = None  # (F,) the OOD guard's stage features, when stored with it
 
 
-def prepare_image(path: str, variants: list[str], size: int, mean, std, load_options: LoadOptions | None = None,
+def prepare_image(path: str, variants: list[str], size: int, load_options: LoadOptions | None = None,
                   lookup: _StoreLookup | None = None) -> PreparedImage:
-    """The CPU stage for one path: store lookup by content, else load + variants + model transform."""
+    """The CPU stage for one path: store lookup by content, else load + variants + resize (uint8 pixels;
+    normalised on the encoder's device)."""
     digest = None
     try:
         if lookup is not None:
@@ -116,17 +117,16 @@ def prepare_image(path: str, variants: list[str], size: int, mean, std, load_opt
 class _VariantDataset(Dataset):
     """Map-style over the whole input list: the DataLoader streams it in order, a few batches ahead."""
 
-    def __init__(self, paths: list[str], variants: list[str], size: int, mean, std,
+    def __init__(self, paths: list[str], variants: list[str], size: int,
                  load_options: LoadOptions | None = None, lookup: _StoreLookup | None = None):
-        self.paths, self.variants, self.size, self.mean, self.std = paths, variants, size, mean, std
+        self.paths, self.variants, self.size = paths, variants, size
         self.load_options, self.lookup = load_options, lookup
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> PreparedImage:
-        return prepare_image(self.paths[i], self.variants, self.size, self.mean, self.std, self.load_options,
-                             self.lookup)
+        return prepare_image(self.paths[i], self.variants, self.size, self.load_options, self.lookup)
 
 
 def _collate(items: list[PreparedImage]) -> dict:
@@ -262,7 +262,7 @@ def _encoded(item: PreparedImage, emb: torch.Tensor, features: np.ndarray | None
 def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_size: int, num_workers: int | None,
             lookup: _StoreLookup | None, load_options: LoadOptions | None) -> DataLoader:
     workers = default_workers(len(paths)) if num_workers is None else num_workers
-    dataset = _VariantDataset(paths, variants, backbone.image_size, backbone.mean, backbone.std, load_options, lookup)
+    dataset = _VariantDataset(paths, variants, backbone.image_size, load_options, lookup)
     return DataLoader(dataset, batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
                       pin_memory=backbone.device.type == "cuda",
                       prefetch_factor=2 if workers else None)

@@ -68,8 +68,8 @@ class _Prepare:
     `batch_size` paths of one encoder batch, so the replicas see the local engine's batches exactly:
     the same rows in each forward pass, hence the same floating-point results)."""
 
-    def __init__(self, variants, size, mean, std, load_options, lookup):
-        self.args = (variants, size, mean, std, load_options, lookup)
+    def __init__(self, variants, size, load_options, lookup):
+        self.args = (variants, size, load_options, lookup)
 
     def __call__(self, batch: dict) -> dict:
         from ..scoring import prepare_image
@@ -177,8 +177,7 @@ class RayEngine:
         chunks = [{"i": list(range(a, min(a + size, len(paths)))), "path": paths[a:a + size]}
                   for a in range(0, len(paths), size)]
         ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 200)))
-        ds = ds.map_batches(_Prepare, fn_constructor_args=(scorer.variants, b.image_size, b.mean, b.std,
-                                                           scorer.load_options, lookup),
+        ds = ds.map_batches(_Prepare, fn_constructor_args=(scorer.variants, b.image_size, scorer.load_options, lookup),
                             batch_size=1, concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
                             num_cpus=1)
         features = scorer.variants if scorer.wants_ood_features else None
