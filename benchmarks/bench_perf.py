@@ -10,7 +10,8 @@
     the loaded model directly; the same outputs (per-image HTML + JSON report, findings.csv)
 (c) encoder-only images/s on pre-decoded tensors - the best of one pass at a time on 1 or 2 threads and
     two passes at once (streams) on 1 thread each - FLOPs per image, share of this machine's measured
-    fp32 matmul rate (the practical CPU peak)
+    fp32 matmul rate (the practical CPU peak); then, in the same process, the engine alone (Scorer.score:
+    decode, encode, score, OOD guard; no store, no reports) as a share of that bound
 (d) decode + variants + preprocessing only (the DataLoader stage), images/s
 (r) `vlm-xray batch --engine ray` (local Ray instance) vs the local engine, same list, whole process
 (e) peak RSS of `vlm-xray batch` for a 1,000- and a 10,000-entry list (repeated images as hard links,
@@ -225,7 +226,23 @@ def bench_encoder(paths, repeats, images_per_batch=16) -> dict:
     rate = flops * out["tensors_per_s_5v"]
     out.update(flops_per_tensor=flops, encoder_flop_rate_5v=rate, matmul_flop_rate=matmul,
                share_of_matmul_rate_5v=rate / matmul)
+    # where the batch's gap to the bound is: the engine alone, right after the bound in the same process
+    stream = [_engine_stream_rate(paths) for _ in range(max(1, repeats))]
+    out["engine_stream_images_per_s_5v"] = statistics.median(stream)
+    out["engine_stream_share_of_bound_5v"] = out["engine_stream_images_per_s_5v"] / out["images_per_s_5v"]
     return out
+
+
+def _engine_stream_rate(paths) -> float:
+    """Images/s of the engine alone (`Scorer.score`: decode workers, both encoder streams, scoring and the
+    OOD guard; no store, no reports), from its first result to its last: the batch minus its writing."""
+    from vlm.api import load_scorer
+
+    scorer = load_scorer(variants=FIVE, calibration="none", device="cpu", image_cache=None, ood="warn")
+    first = None
+    for n, _ in enumerate(scorer.score([str(p) for p in paths]), 1):
+        first = first or time.perf_counter()
+    return (n - 1) / (time.perf_counter() - first)
 
 
 def bench_decode(paths, repeats) -> dict:

@@ -2,6 +2,7 @@
 in order, writes through one background writer; the Ray engine writes the same findings.csv as the
 local one, also when a model replica is killed mid-batch."""
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -424,3 +425,12 @@ def test_process_writer_child_exits_when_the_batch_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the writer's child outlived the killed batch process")
+
+
+def test_the_cpu_stage_starts_without_torch():
+    # Ray's read tasks and the DataLoader's workers run vlm.prepare: each process of a cluster would
+    # otherwise import torch (~2 s of CPU) before reading its first image
+    code = ("import sys, vlm.prepare, vlm.engines.ray_data; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -28,6 +28,9 @@ from .results import Finding, ImageFailure, ImageResult
 from .text_cache import TextEmbeddingCache, default_cache_dir
 from .transforms import cat_pixels, model_transform, normalise, variant_pixels, variant_tensors  # noqa: F401
 from .variants import resolve_variants
+# the CPU stage, torch-free (re-exported: callers and tests use these names from here)
+from .prepare import (FEATURES_OF, FEATURES_VARIANT, PreparedImage, StoreLookup,  # noqa: F401
+                      file_digest, prepare_image)
 
 
 # ----------------------------------------------------------------------------- paths -> embeddings
@@ -35,10 +38,6 @@ from .variants import resolve_variants
 # Bump when image loading, a variant or the model transform changes the pixels the encoder sees:
 # stored image embeddings of older versions are then not used (and age out of the store).
 PREPROCESS_VERSION = 1
-# The OOD guard's stage features of the 'original' variant (vlm.ood.StageFeatures), captured in the
-# main forward pass and kept in the store beside the embeddings under this pseudo-variant name.
-FEATURES_VARIANT = "ood-stage-features:original"
-FEATURES_OF = "original"
 
 
 def preprocessing_key(backbone: Backbone, load_options: LoadOptions | None = None) -> str:
@@ -51,74 +50,11 @@ def preprocessing_key(backbone: Backbone, load_options: LoadOptions | None = Non
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes: the content part of an image's store key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class _StoreLookup:
-    """What a worker needs to look an image up in the store (a location, not a connection: workers fork)."""
-
-    location: str
-    max_bytes: int | None
-    fingerprint: str
-    prep: str
-
-
-@dataclass
-class PreparedImage:
-    """One input after the CPU stage: model-size uint8 pixels (V, C, H, W; `variant_pixels`), a stored
-    embedding, or a failure."""
-
-    path: str
-    meta: dict = field(default_factory=dict)  # id, view, size, info
-    pixels: torch.Tensor | None = None  # uint8, normalised on the encoder's device (`_forward`)
-    cached: np.ndarray | None = None  # (V, D) from the store
-    digest: str | None = None
-    error: str | None = None
-    cached_features: np.ndarray | None = None  # (F,) the OOD guard's stage features, when stored with it
-
-
-def prepare_image(path: str, variants: list[str], size: int, load_options: LoadOptions | None = None,
-                  lookup: _StoreLookup | None = None) -> PreparedImage:
-    """The CPU stage for one path: store lookup by content, else load + variants + resize (uint8 pixels;
-    normalised on the encoder's device)."""
-    digest = None
-    try:
-        if lookup is not None:
-            try:
-                digest = file_digest(path)  # the key new embeddings are stored under
-            except OSError:
-                digest = None  # unreadable: load_image below names the reason
-            if digest is not None and os.path.exists(lookup.location):  # (a cluster node may have no store)
-                from .store import open_store
-
-                hit = open_store(lookup.location, lookup.max_bytes).get_image_entry(
-                    lookup.fingerprint, digest, lookup.prep, variants, optional=(FEATURES_VARIANT,))
-                if hit is not None:
-                    emb, meta, extra = hit
-                    return PreparedImage(path, meta, cached=emb, digest=digest,
-                                         cached_features=extra.get(FEATURES_VARIANT))
-        image = load_image(path, load_options)
-        x = variant_pixels(image, variants, size)
-        meta = {"view": image.view, "size": list(image.size), "info": image.result_info()}
-        return PreparedImage(path, meta, pixels=x, digest=digest)
-    except ImageLoadError as e:
-        return PreparedImage(path, error=e.reason)
-    except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch; reason is reported
-        return PreparedImage(path, error=f"{type(e).__name__}: {e}")
-
-
 class _VariantDataset(Dataset):
     """Map-style over the whole input list: the DataLoader streams it in order, a few batches ahead."""
 
     def __init__(self, paths: list[str], variants: list[str], size: int,
-                 load_options: LoadOptions | None = None, lookup: _StoreLookup | None = None):
+                 load_options: LoadOptions | None = None, lookup: StoreLookup | None = None):
         self.paths, self.variants, self.size = paths, variants, size
         self.load_options, self.lookup = load_options, lookup
 
@@ -131,7 +67,7 @@ class _VariantDataset(Dataset):
 
 def _collate(items: list[PreparedImage]) -> dict:
     """In the worker: one uint8 (sum V, C, H, W) tensor per batch - one shared-memory transfer, pinnable."""
-    tensors = [it.pixels for it in items if it.pixels is not None]
+    tensors = [torch.from_numpy(it.pixels) for it in items if it.pixels is not None]
     for it in items:
         it.pixels = None
     return {"items": items, "pixels": cat_pixels(tensors) if tensors else None}
@@ -173,8 +109,8 @@ class ImageEmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-    def lookup(self, fingerprint: str, prep: str) -> _StoreLookup:
-        return _StoreLookup(self.location, self.max_bytes, fingerprint, prep)
+    def lookup(self, fingerprint: str, prep: str) -> StoreLookup:
+        return StoreLookup(self.location, self.max_bytes, fingerprint, prep)
 
     def get(self, fingerprint: str, digest: str, variants: list[str], prep: str = "-") -> np.ndarray | None:
         hit = self.store.get_image(fingerprint, digest, prep, variants)
@@ -260,7 +196,7 @@ def _encoded(item: PreparedImage, emb: torch.Tensor, features: np.ndarray | None
 
 
 def _loader(backbone: Backbone, paths: list[str], variants: list[str], batch_size: int, num_workers: int | None,
-            lookup: _StoreLookup | None, load_options: LoadOptions | None) -> DataLoader:
+            lookup: StoreLookup | None, load_options: LoadOptions | None) -> DataLoader:
     workers = default_workers(len(paths)) if num_workers is None else num_workers
     dataset = _VariantDataset(paths, variants, backbone.image_size, load_options, lookup)
     return DataLoader(dataset, batch_size=max(1, batch_size), num_workers=workers, collate_fn=_collate,
@@ -399,7 +335,7 @@ def in_order(items: Iterator, fn, streams: int = 1) -> Iterator:
             yield first, future.result()
 
 
-def _store_batch(cache: ImageEmbeddingCache, lookup: _StoreLookup, fresh: list[PreparedImage], emb, variants,
+def _store_batch(cache: ImageEmbeddingCache, lookup: StoreLookup, fresh: list[PreparedImage], emb, variants,
                  items: list[PreparedImage], feats: np.ndarray | None = None) -> None:
     """New embeddings (+ OOD stage features) in one transaction; hits marked as used (the store's LRU clock)."""
     hits = [(it.digest, lookup.prep) for it in items if it.cached is not None]

@@ -75,15 +75,21 @@ def model_tensors(pixels: Sequence[np.ndarray], size: int, mean, std):
     return normalise(cat_pixels([torch.from_numpy(model_pixels(p, size))[None] for p in pixels]), mean, std)
 
 
-def variant_pixels(image, variants: list[str], size: int):
+def variant_arrays(image, variants: list[str], size: int) -> np.ndarray:
     """uint8 (V, C, size, size): each named preprocessing variant of `image.pixels`, resized and cropped;
-    C = 1 when the image is grey (varied and resized on one plane: the same numbers, a third of the work)."""
-    import torch
-
+    C = 1 when the image is grey (varied and resized on one plane: the same numbers, a third of the work).
+    numpy only: the engine's CPU stage (`vlm.prepare`) runs without torch."""
     from .variants import get_variant
 
     pixels = np.ascontiguousarray(image.pixels[..., 0]) if getattr(image, "is_grey", False) else image.pixels
-    return torch.from_numpy(np.stack([model_pixels(get_variant(v)(pixels), size) for v in variants]))
+    return np.stack([model_pixels(get_variant(v)(pixels), size) for v in variants])
+
+
+def variant_pixels(image, variants: list[str], size: int):
+    """`variant_arrays` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(variant_arrays(image, variants, size))
 
 
 def variant_tensors(image, variants: list[str], size: int, mean, std):

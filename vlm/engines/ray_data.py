@@ -72,7 +72,7 @@ class _Prepare:
         self.args = (variants, size, load_options, lookup)
 
     def __call__(self, batch: dict) -> dict:
-        from ..scoring import prepare_image
+        from ..prepare import prepare_image  # torch-free: a read task does not import torch
 
         variants, size = self.args[0], self.args[1]
         index = np.concatenate([np.asarray(i, dtype=np.int64) for i in batch["i"]])
@@ -81,7 +81,7 @@ class _Prepare:
         pixels = np.zeros((len(items), len(variants), 3, size, size), np.uint8)  # normalised by the replica
         for k, it in enumerate(items):
             if it.pixels is not None:
-                pixels[k] = it.pixels.numpy()  # a grey plane (C = 1) fills the three channels
+                pixels[k] = it.pixels  # a grey plane (C = 1) fills the three channels
         return {"i": index, "path": paths, "pixels": pixels,
                 "fresh": np.array([it.pixels is not None for it in items]),
                 "cached": np.array([b"" if it.cached is None else np.asarray(it.cached, np.float32).tobytes()
