@@ -1,7 +1,8 @@
 """Performance suite: the batch engine against the naive pipeline and the hardware bounds.
 
     python benchmarks/bench_perf.py [--data ../shared/data/nih14] [--n 400] [--naive-n 24] [--repeats 1]
-                                    [--only a,c,d,e,r] [--mem-sizes 1000,10000] [--ray-n 400]
+                                    [--only a,c,d,e,r,s] [--mem-sizes 1000,10000] [--ray-n 400]
+                                    [--rounds 5]
 
 (a) end-to-end `vlm-xray batch` images/s (decode -> variants -> encode -> score -> reports, findings
     written), 1 and 5 variants, whole process (start-up + model load) included, cold embedding store
@@ -13,6 +14,8 @@
     fp32 matmul rate (the practical CPU peak); then, in the same process, the engine alone (Scorer.score:
     decode, encode, score, OOD guard; no store, no reports) as a share of that bound
 (d) decode + variants + preprocessing only (the DataLoader stage), images/s
+(s) steady end-to-end images/s (first to last report written) as a share of the encoder bound measured
+    just before and after, in each of --rounds rounds (the 80 % target); median and range
 (r) `vlm-xray batch --engine ray` (local Ray instance) vs the local engine, same list, whole process
 (e) peak RSS of `vlm-xray batch` for a 1,000- and a 10,000-entry list (repeated images as hard links,
     store warmed with the distinct images) and of the engine alone (scorer.score streaming)
@@ -245,6 +248,52 @@ def _engine_stream_rate(paths) -> float:
     return (n - 1) / (time.perf_counter() - first)
 
 
+def bench_share(paths, rounds: int, root: Path, seconds: float = 4.0) -> dict:
+    """(s) the share of the encoder bound, side by side: each round measures the bound as (c) does (two
+    passes at once on 1 thread each, 16 images x 5 variants) for ~`seconds`, runs `vlm-xray batch` on
+    `paths` (cold store, 5 variants, reports written), then measures the bound again. The batch's steady
+    rate comes from its own output: reports written / the time between the first and the last report
+    file (start-up and the end's index excluded); its share = that / the mean of the two bounds around it.
+    The host's speed drifts by tens of percent within minutes, hence bounds on both sides, and rounds."""
+    import torch
+
+    from vlm.images import load_image
+    from vlm.models import load_model
+    from vlm.transforms import variant_tensors
+
+    b = load_model("vlm-xray-starter", device="cpu")
+    b.module.eval()
+    x = torch.cat([variant_tensors(load_image(p), FIVE.split(","), b.image_size, b.mean, b.std) for p in paths[:16]])
+    full = write_list(paths, root / "share.csv")
+    cli = [sys.executable, "-m", "vlm.cli", "-q", "batch", "--calibration", "none", "--threshold", "0.5",
+           "--variants", FIVE]
+    threads = torch.get_num_threads()
+
+    def bound() -> float:
+        torch.set_num_threads(1)
+        rate = _encoder_rate(b.encode_images, x, 16, 2, 1)[0]
+        passes = max(1, round(seconds * rate / 32))  # (two streams x 16 images a pass)
+        rate = _encoder_rate(b.encode_images, x, 16, 2, passes - 4)[0]
+        torch.set_num_threads(threads)
+        return rate
+
+    out: dict = {"n_images": len(paths), "rounds": []}
+    for r in range(rounds):
+        before = bound()
+        wall = run(cli + [str(full), "--out", str(root / f"share-{r}")], fresh_env(root, "s"))["wall_s"]
+        after = bound()
+        written = sorted(p.stat().st_mtime for p in (root / f"share-{r}" / "reports").glob("*.json"))
+        steady = (len(written) - 1) / (written[-1] - written[0])
+        mean = (before + after) / 2
+        out["rounds"].append({"bound_before": before, "bound_after": after, "steady_images_per_s": steady,
+                              "whole_process_wall_s": wall, "share": steady / mean})
+        print(f"  round {r + 1}: bound {before:.1f} / {after:.1f}, steady {steady:.1f} images/s: "
+              f"{steady / mean:.0%}", flush=True)
+    got = [x["share"] for x in out["rounds"]]
+    out.update(share_median=statistics.median(got), share_min=min(got), share_max=max(got))
+    return out
+
+
 def bench_decode(paths, repeats) -> dict:
     """(d) the CPU stage alone, through the same DataLoader workers the engine uses."""
     from vlm.models import load_model
@@ -371,6 +420,7 @@ def main() -> None:
     ap.add_argument("--mem-stream", action="store_true", help="(e): also the engine alone, streaming")
     ap.add_argument("--ray-n", type=int, default=200, help="(r): images for Ray vs local")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="(s): rounds of bound, batch, bound")
     ap.add_argument("--only", default="a,c,d,e,r")
     ap.add_argument("--out", default=str(HERE / "perf.json"))
     ap.add_argument("--stream-rss", default=None, help=argparse.SUPPRESS)
@@ -390,8 +440,9 @@ def main() -> None:
                  "c": ("encoder", lambda: bench_encoder(paths, args.repeats)),
                  "d": ("decode", lambda: bench_decode(paths, args.repeats)),
                  "e": ("memory", lambda: bench_memory(paths, root, tuple(map(int, args.mem_sizes.split(","))), args.mem_stream)),
-                 "r": ("ray", lambda: bench_ray(images(Path(args.data), args.ray_n), args.repeats, root))}
-        for key in "acder":
+                 "r": ("ray", lambda: bench_ray(images(Path(args.data), args.ray_n), args.repeats, root)),
+                 "s": ("share_of_bound", lambda: bench_share(paths, args.rounds, root))}
+        for key in "acders":
             if key in only:
                 name, fn = steps[key]
                 t = time.perf_counter()

@@ -434,3 +434,16 @@ def test_the_cpu_stage_starts_without_torch():
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_ray_address_that_does_not_answer_is_one_clear_error(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from vlm.engines.ray_data import _init_ray
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ValueError, match=r"--ray-address auto: no Ray cluster answered.*ray start --head"):
+        _init_ray("auto", None)

@@ -138,7 +138,12 @@ def _init_ray(address: str | None, num_cpus: int | None):
         raise ValueError("--engine ray needs Ray Data: pip install 'vlm-xray[ray]'") from None
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as e:  # e.g. 'auto' with no instance running on this machine
+                raise ValueError(f"--ray-address {address}: no Ray cluster answered ({e}). Start one first "
+                                 "(`ray start --head` on this machine) or leave --ray-address out to run on "
+                                 "a local instance of its own") from None
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
