@@ -254,6 +254,7 @@ def bench_share(paths, rounds: int, root: Path, seconds: float = 4.0) -> dict:
     `paths` (cold store, 5 variants, reports written), then measures the bound again. The batch's steady
     rate comes from its own output: reports written / the time between the first and the last report
     file (start-up and the end's index excluded); its share = that / the mean of the two bounds around it.
+    Then the engine alone on the same paths (`_engine_stream_rate`: no store, no reports), the same way.
     The host's speed drifts by tens of percent within minutes, hence bounds on both sides, and rounds."""
     import torch
 
@@ -282,15 +283,18 @@ def bench_share(paths, rounds: int, root: Path, seconds: float = 4.0) -> dict:
         before = bound()
         wall = run(cli + [str(full), "--out", str(root / f"share-{r}")], fresh_env(root, "s"))["wall_s"]
         after = bound()
+        engine = _engine_stream_rate(paths)  # the same pipeline without writing anything
         written = sorted(p.stat().st_mtime for p in (root / f"share-{r}" / "reports").glob("*.json"))
         steady = (len(written) - 1) / (written[-1] - written[0])
         mean = (before + after) / 2
         out["rounds"].append({"bound_before": before, "bound_after": after, "steady_images_per_s": steady,
-                              "whole_process_wall_s": wall, "share": steady / mean})
-        print(f"  round {r + 1}: bound {before:.1f} / {after:.1f}, steady {steady:.1f} images/s: "
-              f"{steady / mean:.0%}", flush=True)
-    got = [x["share"] for x in out["rounds"]]
-    out.update(share_median=statistics.median(got), share_min=min(got), share_max=max(got))
+                              "whole_process_wall_s": wall, "share": steady / mean,
+                              "engine_alone_images_per_s": engine, "engine_alone_share": engine / mean})
+        print(f"  round {r + 1}: bound {before:.1f} / {after:.1f}, batch steady {steady:.1f} images/s: "
+              f"{steady / mean:.0%}; engine alone {engine:.1f}: {engine / mean:.0%}", flush=True)
+    for key in ("share", "engine_alone_share"):
+        got = [x[key] for x in out["rounds"]]
+        out.update({f"{key}_median": statistics.median(got), f"{key}_min": min(got), f"{key}_max": max(got)})
     return out
 
 
