@@ -254,7 +254,8 @@ def bench_share(paths, rounds: int, root: Path, seconds: float = 4.0) -> dict:
     `paths` (cold store, 5 variants, reports written), then measures the bound again. The batch's steady
     rate comes from its own output: reports written / the time between the first and the last report
     file (start-up and the end's index excluded); its share = that / the mean of the two bounds around it.
-    Then the engine alone on the same paths (`_engine_stream_rate`: no store, no reports), the same way.
+    Between the bounds also the batch with --no-html-reports (each image's JSON only); after them the
+    engine alone on the same paths (`_engine_stream_rate`: no store, no reports), against the same bounds.
     The host's speed drifts by tens of percent within minutes, hence bounds on both sides, and rounds."""
     import torch
 
@@ -279,20 +280,26 @@ def bench_share(paths, rounds: int, root: Path, seconds: float = 4.0) -> dict:
         return rate
 
     out: dict = {"n_images": len(paths), "rounds": []}
+    def steady(folder: Path) -> float:
+        written = sorted(p.stat().st_mtime for p in (folder / "reports").glob("*.json"))
+        return (len(written) - 1) / (written[-1] - written[0])
+
     for r in range(rounds):
         before = bound()
         wall = run(cli + [str(full), "--out", str(root / f"share-{r}")], fresh_env(root, "s"))["wall_s"]
+        run(cli + [str(full), "--no-html-reports", "--out", str(root / f"share-json-{r}")], fresh_env(root, "sj"))
         after = bound()
         engine = _engine_stream_rate(paths)  # the same pipeline without writing anything
-        written = sorted(p.stat().st_mtime for p in (root / f"share-{r}" / "reports").glob("*.json"))
-        steady = (len(written) - 1) / (written[-1] - written[0])
         mean = (before + after) / 2
-        out["rounds"].append({"bound_before": before, "bound_after": after, "steady_images_per_s": steady,
-                              "whole_process_wall_s": wall, "share": steady / mean,
+        batch, json_only = steady(root / f"share-{r}"), steady(root / f"share-json-{r}")
+        out["rounds"].append({"bound_before": before, "bound_after": after, "steady_images_per_s": batch,
+                              "whole_process_wall_s": wall, "share": batch / mean,
+                              "no_html_images_per_s": json_only, "no_html_share": json_only / mean,
                               "engine_alone_images_per_s": engine, "engine_alone_share": engine / mean})
-        print(f"  round {r + 1}: bound {before:.1f} / {after:.1f}, batch steady {steady:.1f} images/s: "
-              f"{steady / mean:.0%}; engine alone {engine:.1f}: {engine / mean:.0%}", flush=True)
-    for key in ("share", "engine_alone_share"):
+        print(f"  round {r + 1}: bound {before:.1f} / {after:.1f}, batch steady {batch:.1f} images/s: "
+              f"{batch / mean:.0%}; --no-html-reports {json_only:.1f}: {json_only / mean:.0%}; "
+              f"engine alone {engine:.1f}: {engine / mean:.0%}", flush=True)
+    for key in ("share", "no_html_share", "engine_alone_share"):
         got = [x[key] for x in out["rounds"]]
         out.update({f"{key}_median": statistics.median(got), f"{key}_min": min(got), f"{key}_max": max(got)})
     return out

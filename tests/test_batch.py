@@ -114,6 +114,34 @@ def test_resume_recomputes_nothing_and_threshold_change_recomputes(backbone, inp
     assert all(json.loads(p.read_text())["threshold"] == 0.6 for p in (out / "reports").glob("*.json"))
 
 
+def test_a_batch_without_html_reports_writes_the_same_findings_and_adds_pages_later(backbone, inputs, tmp_path):
+    image_dir, corrupt, _ = inputs
+    counter = {"images": 0}
+    with_pages, without = tmp_path / "pages", tmp_path / "json-only"
+    run_batch(make_scorer(backbone), [str(image_dir), str(corrupt)], with_pages, 0.4, progress=False)
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], without, 0.4, progress=False,
+                  html_reports=False)
+    assert s.scored == 5 and len(s.failed) == 1
+    assert not list((without / "reports").glob("*.html")) and len(list((without / "reports").glob("*.json"))) == 5
+    for name in ("findings.csv", "findings.json", "errors.csv"):
+        assert (without / name).read_bytes() == (with_pages / name).read_bytes()
+    index = (without / "index.html").read_text()
+    names = [p.stem for p in (without / "reports").glob("*.json")]
+    assert all(f'href="reports/{n}.json"' in index and f"reports/{n}.html" not in index for n in names)
+    check_outputs_parse(without)
+    # the same batch with pages: resumed (nothing scored again), each page rendered from its JSON
+    counter["images"] = 0
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], without, 0.4, progress=False)
+    assert counter["images"] == 0 and s.resumed == 5 and s.rerendered == 5
+    assert sorted(p.name for p in (without / "reports").glob("*.html")) == \
+        sorted(p.name for p in (with_pages / "reports").glob("*.html"))
+    assert all(f'href="reports/{n}.html"' in (without / "index.html").read_text() for n in names)
+    # and without them again, with new clinical text: no page is left to show the old text
+    s = run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], without, 0.4, progress=False,
+                  clinical="new history", html_reports=False)
+    assert counter["images"] == 0 and s.rerendered == 5 and not list((without / "reports").glob("*.html"))
+
+
 def test_interrupted_batch_resumes(backbone, inputs, tmp_path):
     image_dir, _, _ = inputs
     out = tmp_path / "out"

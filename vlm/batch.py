@@ -2,7 +2,8 @@
 
     DIR/index.html                 sortable, filterable table + batch charts (offline)
     DIR/assets/plotly.min.js       plotly.js, once per folder
-    DIR/reports/<id>.html|.json    per-image report and its JSON (the JSON is the "done" marker)
+    DIR/reports/<id>.html|.json    per-image report and its JSON (the JSON is the "done" marker; with
+                                   html_reports=False only the JSON)
     DIR/findings.csv|.json         one row per image x label
     DIR/errors.csv                 every input entry not scored (image, error): unreadable files, and
                                    folder entries that are not images (broken links, folders named
@@ -224,11 +225,15 @@ def _safe_csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(result: ImageResult, reports_dir: Path, name: str, model: dict, clinical: str | None,
-                 plotly_src: str) -> None:
-    """HTML first, then the JSON (the JSON marks the image as done for resuming)."""
-    html = render_report(result, model, clinical=clinical, fmt="html", plotly_src=plotly_src,
-                         json_href=f"{name}.json", index_href="../index.html")
-    atomic_write_text(reports_dir / f"{name}.html", html)
+                 plotly_src: str, html: bool = True) -> None:
+    """HTML first, then the JSON (the JSON marks the image as done for resuming). html=False: the JSON
+    only, and a page left by an earlier run is removed (it could show other clinical text)."""
+    page = reports_dir / f"{name}.html"
+    if html:
+        atomic_write_text(page, render_report(result, model, clinical=clinical, fmt="html", plotly_src=plotly_src,
+                                              json_href=f"{name}.json", index_href="../index.html"))
+    else:
+        page.unlink(missing_ok=True)
     # compact: indented JSON goes through json's pure-Python encoder (~1.5 ms a report, the biggest
     # share of the writer's work); `python -m json.tool` pretty-prints it
     atomic_write_text(reports_dir / f"{name}.json", safe_json(result.to_dict(), indent=None) + "\n")
@@ -407,7 +412,7 @@ def write_findings(out_dir: Path, collected: _Collected, keys: list[str]) -> Non
 
 
 def write_index(out_dir: Path, collected: _Collected, keys: list[str], failures: list[ImageFailure], sig: dict,
-                model: dict, clinical: str | None, plotly_src: str) -> None:
+                model: dict, clinical: str | None, plotly_src: str, html_reports: bool = True) -> None:
     """index.html, rendered straight to its (atomic) file from the collected rows."""
     charts = _ChartData()
     for chart in collected.records(keys, "chart"):
@@ -417,6 +422,7 @@ def write_index(out_dir: Path, collected: _Collected, keys: list[str], failures:
         rows=_Rows(collected, keys), failures=[f.to_dict() for f in failures], labels=charts.labels, sig=sig,
         model=model, clinical=(clinical or "").strip() or None, charts=batch_charts(charts), plotly_src=plotly_src,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), n_total=len(keys) + len(failures),
+        html_reports=html_reports,
     )
     with atomic_path(out_dir / "index.html") as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(parts)
@@ -497,6 +503,7 @@ class _Run:
     views: dict[str, str]
     summary: BatchSummary
     collected: _Collected  # compact records of the finished images (not their results: memory stays flat)
+    html_reports: bool = True  # False: each image's JSON only (no page)
     failures: dict[str, ImageFailure] = field(default_factory=dict)
 
 
@@ -509,9 +516,10 @@ def _resume(run: _Run, paths: list[Path]) -> list[Path]:
         if r is None:
             todo.append(p)
             continue
-        if r.extra.get("clinical") != run.clinical or not (run.reports_dir / f"{name}.html").is_file():
+        page_missing = run.html_reports and not (run.reports_dir / f"{name}.html").is_file()
+        if r.extra.get("clinical") != run.clinical or page_missing:
             r.extra["clinical"] = run.clinical  # new clinical text or a missing page: re-render, no re-scoring
-            write_report(r, run.reports_dir, name, run.model, run.clinical, run.plotly_src)
+            write_report(r, run.reports_dir, name, run.model, run.clinical, run.plotly_src, run.html_reports)
             run.summary.rerendered += 1
         run.collected.add(str(p), r, name)
         run.summary.resumed += 1
@@ -535,11 +543,11 @@ def _prepare(run: _Run, out) -> str:
 
 
 def _report_task(result: ImageResult, reports_dir: Path, name: str, model: dict, clinical: str | None,
-                 plotly_src: str) -> tuple[str | None, bytes | None]:
+                 plotly_src: str, html: bool = True) -> tuple[str | None, bytes | None]:
     """Write one image's report and make its collected record (in the writer, possibly a child process):
     (None, record), or (why it failed, None)."""
     try:
-        write_report(result, reports_dir, name, model, clinical, plotly_src)
+        write_report(result, reports_dir, name, model, clinical, plotly_src, html)
     except OSError:
         raise  # the output folder is failing: stop (see _output_errors), do not blame the image
     except Exception as e:  # noqa: BLE001 - one bad report must not stop the batch; it is listed in errors.csv
@@ -617,7 +625,8 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
             if isinstance(out, ImageFailure):
                 writer.submit((key, out))  # no report: recorded in its turn
                 continue
-            writer.submit((key, out), out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src)
+            writer.submit((key, out), out, run.reports_dir, run.names[key], run.model, run.clinical, run.plotly_src,
+                          run.html_reports)
     if run.failures:
         write_errors(run.out_dir, all_failures())
     if bar is not None:
@@ -627,14 +636,17 @@ def _score(run: _Run, todo: list[Path], all_failures, chunk_size: int, progress:
 def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, threshold: float | None = None,
               clinical: str | None = None, progress: bool = True, chunk_size: int = 32, *, overwrite: bool = False,
               recursive: bool = True, follow_symlinks: bool = False, engine=None,
-              heatmaps: str | None = None) -> BatchSummary:
+              heatmaps: str | None = None, html_reports: bool = True) -> BatchSummary:
     """Score `inputs` (files, folders, globs, CSV lists) and write the batch folder; resumable.
 
     threshold: as `Scorer.thresholds` (None: the calibration's per-label thresholds, else 0.5).
     overwrite: replace an existing batch folder instead of resuming it. recursive / follow_symlinks: how
     folders are scanned (see `vlm.images.discover`). How images are read (DICOM window, pixel limit,
     PHI) is the scorer's `load_options`. engine: a `vlm.engines` engine (default: local). heatmaps: None,
-    "auto" or a `vlm.explain` method name: overlays of each image's positive findings in its report."""
+    "auto" or a `vlm.explain` method name: overlays of each image's positive findings in its report.
+    html_reports=False: each image's JSON but no HTML page (archive-scale runs: the pages cost about a
+    tenth of the throughput on two cores, benchmarks/bench_gap.py, and ~24 KB an image); index.html then
+    links the JSON. A later run with pages resumes and adds them without scoring again."""
     out_dir = Path(out_dir)
     views: dict[str, str] = {}
     found = gather_inputs(inputs, views, recursive, follow_symlinks)
@@ -652,7 +664,7 @@ def run_batch(scorer, inputs: Iterable[str | Path], out_dir: str | Path, thresho
         asset = write_plotly_asset(out_dir)
         run = _Run(scorer, out_dir, reports_dir, threshold, sig, model_info(scorer.backbone),
                    (clinical or "").strip() or None, f"../{asset}", output_names(paths), views, summary,
-                   _Collected(out_dir))
+                   _Collected(out_dir), html_reports)
         try:
             _run_and_write(run, paths, skipped, chunk_size, progress, engine, asset)
         finally:
@@ -677,5 +689,6 @@ def _run_and_write(run: _Run, paths: list[Path], skipped: list[ImageFailure], ch
     summary.failed = all_failures()
     write_findings(run.out_dir, run.collected, done)
     write_errors(run.out_dir, summary.failed)
-    write_index(run.out_dir, run.collected, done, summary.failed, run.sig, run.model, run.clinical, f"{asset}")
+    write_index(run.out_dir, run.collected, done, summary.failed, run.sig, run.model, run.clinical, f"{asset}",
+                run.html_reports)
     _prune(run.reports_dir, run.names)

@@ -141,13 +141,17 @@ def _heatmap_dir(*outputs) -> Path:
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to folders (loops are detected).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing batch folder instead of resuming it (never a folder that is not a batch's).")
+@click.option("--no-html-reports", "no_html", is_flag=True,
+              help="Write each image's JSON but not its HTML page (archive-scale runs: about a tenth faster on two "
+                   "cores and ~24 KB less an image); index.html and findings.csv/json as always. Running the same "
+                   "command again without it adds the pages without scoring again.")
 @input_options
 @ood_option
 @heatmap_options
 @friendly_errors
 def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size, adapter, calibration, out_dir,
           threshold, clinical, chunk_size, engine, ray_address, num_workers, compile_model, recursive, follow_symlinks,
-          overwrite, window, max_pixels, include_phi, multiframe, ood, heatmaps, heatmap_method):
+          overwrite, no_html, window, max_pixels, include_phi, multiframe, ood, heatmaps, heatmap_method):
     """Score INPUTS (files, folders, globs, or a .csv list with a `filename` column relative to it)
     and write a report per image plus a sortable index to --out DIR.
 
@@ -170,7 +174,8 @@ def batch(inputs, model, label_set, prompt_styles, variants, device, batch_size,
     try:
         summary = run_batch(scorer, inputs, out_dir, threshold, clinical=clinical, chunk_size=chunk_size,
                             engine=get_engine(engine, **options), overwrite=overwrite, recursive=recursive,
-                            follow_symlinks=follow_symlinks, heatmaps=(heatmap_method or "auto") if heatmaps else None)
+                            follow_symlinks=follow_symlinks, heatmaps=(heatmap_method or "auto") if heatmaps else None,
+                            html_reports=not no_html)
     except KeyboardInterrupt:
         click.echo("interrupted; finished reports are kept - run the same command again to resume", err=True)
         sys.exit(130)
