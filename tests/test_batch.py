@@ -128,6 +128,7 @@ def test_a_batch_without_html_reports_writes_the_same_findings_and_adds_pages_la
     index = (without / "index.html").read_text()
     names = [p.stem for p in (without / "reports").glob("*.json")]
     assert all(f'href="reports/{n}.json"' in index and f"reports/{n}.html" not in index for n in names)
+    assert "run with --no-html-reports" in index  # the page says why its links open JSON
     check_outputs_parse(without)
     # the same batch with pages: resumed (nothing scored again), each page rendered from its JSON
     counter["images"] = 0
@@ -135,7 +136,8 @@ def test_a_batch_without_html_reports_writes_the_same_findings_and_adds_pages_la
     assert counter["images"] == 0 and s.resumed == 5 and s.rerendered == 5
     assert sorted(p.name for p in (without / "reports").glob("*.html")) == \
         sorted(p.name for p in (with_pages / "reports").glob("*.html"))
-    assert all(f'href="reports/{n}.html"' in (without / "index.html").read_text() for n in names)
+    index = (without / "index.html").read_text()
+    assert all(f'href="reports/{n}.html"' in index for n in names) and "run with --no-html-reports" not in index
     # and without them again, with new clinical text: no page is left to show the old text
     s = run_batch(make_scorer(backbone, counter), [str(image_dir), str(corrupt)], without, 0.4, progress=False,
                   clinical="new history", html_reports=False)
