@@ -100,13 +100,12 @@ def shipped_text_embeddings(backbone) -> dict[str, np.ndarray]:
 
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
-            same = meta.get("fingerprint") == backbone.fingerprint
-            vectors = f.get_tensor("embeddings") if same else None
-        if not same:  # the right result either way: the prompts are encoded, as without the file
-            logger.info("%s holds embeddings of model %s, not %s: prompts are encoded instead", path,
-                        meta.get("fingerprint"), backbone.fingerprint)
-        keys = json.loads(meta.get("keys", "[]")) if same else []
-        _SHIPPED[cache_key] = {k: v for k, v in zip(keys, vectors)} if same else {}
+            if meta.get("fingerprint") == backbone.fingerprint:
+                _SHIPPED[cache_key] = dict(zip(json.loads(meta.get("keys", "[]")), f.get_tensor("embeddings")))
+            else:  # the right result either way: the prompts are encoded, as without the file
+                logger.info("%s holds embeddings of model %s, not %s: prompts are encoded instead", path,
+                            meta.get("fingerprint"), backbone.fingerprint)
+                _SHIPPED[cache_key] = {}
     return _SHIPPED[cache_key]
 
 

@@ -87,11 +87,15 @@ def _exit_with_parent(parent: int) -> None:
 _FRAME = struct.Struct("<Q")  # a frame on the writer's pipes: its length, then a pickle
 
 
+def _frame(value) -> bytes:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(data)) + data
+
+
 def _write_frames(fd: int, frames) -> None:
     with os.fdopen(fd, "wb") as out:
         for value in frames:
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            out.write(_FRAME.pack(len(data)) + data)
+            out.write(_frame(value))
             out.flush()
 
 
@@ -180,8 +184,7 @@ class ProcessWriter:
     def submit(self, item, *args) -> None:
         self._pending.append((item, bool(args)))
         if args:
-            data = pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)
-            self._unsent = memoryview(_FRAME.pack(len(data)) + data)
+            self._unsent = memoryview(_frame(args))
             self._in_flight += 1
             self._send()
         self._deliver()
