@@ -245,6 +245,22 @@ def test_stage2_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
         s2.stage2(changed)
 
 
+def test_stage2_at_another_size_gives_the_blocks_that_many_tokens(tmp_path, tiny_data):
+    from vlm.models import load_model
+    from vlm.pretrain import stage2 as s2
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        s2.Stage2Config(image_size=100)
+    out = tmp_path / "s2-64"
+    s2.stage2(s2.Stage2Config(base="vlm-xray-starter", data=[str(tiny_data)], out_dir=str(out), views=1, epochs=1,
+                              batch_size=8, val_fraction=0.3, image_size=64))
+    b = load_model(str(out))
+    assert b.image_size == 64
+    trunk = b.module.visual.trunk
+    assert trunk.body(torch.zeros(1, 3, 64, 64)).shape[-2:] == (2, 2)  # 64 / 32 a side
+    assert b.encode_images(torch.randn(2, 3, 64, 64)).shape == (2, 384)
+
+
 def test_text_padding_is_trimmed_without_changing_the_embeddings():
     """The bundled MiniLM tower masks padding, so the tokenizer drops the all-padding tail: fewer
     columns, the same token ids where kept, the same embeddings as the full context length."""

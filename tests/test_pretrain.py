@@ -100,6 +100,26 @@ def test_pretrain_tiny_learns_and_reloads(tmp_path):
     torch.testing.assert_close(got_txt, ref_txt, rtol=0, atol=1e-5)
 
 
+def test_init_from_starts_the_image_tower_from_a_trained_model_at_another_size(tmp_path):
+    """Progressive resizing: a 32 px run's image tower is the starting point of a 48 px run (lr 0 keeps
+    it, so the new folder holds the same tower weights); a model with another tower is refused by name."""
+    from safetensors.torch import load_file
+
+    csv_path = _make_data(tmp_path / "data", n=8)
+    kw = dict(image_tower="edgenext_xx_small", batch_size=8, val_fraction=0.0, progress=False, epochs=1)
+    pretrain([(str(csv_path), None)], tmp_path / "small", image_size=32, **kw)
+    m = pretrain([(str(csv_path), None)], tmp_path / "big", image_size=48, lr=0.0,
+                 init_from=str(tmp_path / "small"), **kw)
+    assert m["config"]["init_from"] == str(tmp_path / "small")
+    a = load_file(str(tmp_path / "small" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "big" / "open_clip_model.safetensors"))
+    vis = [k for k in a if k.startswith("visual.")]
+    assert vis and all(torch.equal(a[k], b[k]) for k in vis)
+    with pytest.raises(ValueError, match="image tower is edgenext_xx_small"):
+        pretrain([(str(csv_path), None)], tmp_path / "other", image_size=48, init_from=str(tmp_path / "small"),
+                 **{**kw, "image_tower": "convvit_tiny"})
+
+
 def test_config_round_trips_and_checks_resume(tmp_path):
     from vlm.pretrain import PretrainConfig
 

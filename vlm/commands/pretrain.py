@@ -57,11 +57,14 @@ from .common import device_option, friendly_errors, seed_option
               help="Keep OUT/train_state.pt (optimizer etc.) after the run finishes, to extend it later.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Cache the resized images here (.npy) to start later runs faster.")
+@click.option("--init-from", default=None, metavar="NAME|PATH",
+              help="Start the image tower from this model's weights (same tower), e.g. fine-tune a 128 px "
+                   "model at --image-size 160 (progressive resizing). Default: random initialisation.")
 @click.option("--progress/--no-progress", default=True, help="Show tqdm progress bars.")
 @friendly_errors
 def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, batch_size, lr, device, seed,
                      resume, text_lora, withhold, val_fraction, loss, prompt_weight, max_minutes, max_steps_per_epoch,
-                     num_threads, keep_train_state, cache_dir, progress):
+                     num_threads, keep_train_state, cache_dir, init_from, progress):
     """Pre-train a LiT-style CLIP: a small image tower trained against the locked
     all-MiniLM-L6-v2 text tower, on image/label CSVs whose labels become captions.
 
@@ -80,7 +83,7 @@ def pretrain_command(data, out_dir, image_tower, image_size, embed_dim, epochs, 
         epochs=epochs, batch_size=batch_size, lr=lr, device=resolve_device(device), seed=seed, resume=resume,
         withhold_labels=tuple(withhold), val_fraction=val_fraction, loss=loss, prompt_weight=prompt_weight,
         text_lora=text_lora, max_minutes=max_minutes, max_steps_per_epoch=max_steps_per_epoch,
-        num_threads=num_threads, keep_train_state=keep_train_state, cache_dir=cache_dir,
+        num_threads=num_threads, keep_train_state=keep_train_state, cache_dir=cache_dir, init_from=init_from,
         command=_command_line(), progress=progress)
     m = pretrain(config)
     m.pop("model", None)
@@ -112,6 +115,9 @@ def _command_line() -> str:
 @click.option("--withhold", "withhold", multiple=True, metavar="LABEL",
               help="Label whose training rows are dropped (repeatable); base it on a stage-1 model that withheld it.")
 @click.option("--views", default=3, type=int, help="Cached body-map views per image (1 plain + augmented ones).")
+@click.option("--image-size", default=None, type=int,
+              help="Input size in px, a multiple of 32 (default: the base's). The frozen conv body then gives "
+                   "size/32 x size/32 tokens: 192 px -> 6x6 instead of 4x4 at 128 px.")
 @click.option("--epochs", default=40, type=int)
 @click.option("--batch-size", default=256, type=int)
 @click.option("--lr", default=1e-3, type=float, help="Peak AdamW learning rate (one-cycle).")
@@ -125,7 +131,7 @@ def _command_line() -> str:
               help="Cache resized images and body maps here to start later runs in seconds.")
 @click.option("--resume/--no-resume", default=False, help="Continue from OUT/stage2_state.pt.")
 @friendly_errors
-def pretrain_stage2_command(base, data, train_only_data, out_dir, withhold, views, epochs, batch_size, lr,
+def pretrain_stage2_command(base, data, train_only_data, out_dir, withhold, views, image_size, epochs, batch_size, lr,
                             prompt_weight, sampling, lowres_prob, seed, cache_dir, resume):
     """Stage 2: add two transformer blocks (fused attn.qkv, full weight: what LoRA adapts) to a
     trained conv tower, freeze its body, and train the blocks on cached body feature maps.
@@ -142,7 +148,8 @@ def pretrain_stage2_command(base, data, train_only_data, out_dir, withhold, view
 
     args = sys.argv[sys.argv.index("pretrain-stage2") + 1:] if "pretrain-stage2" in sys.argv else sys.argv[1:]
     config = Stage2Config(base=base, data=list(data), out_dir=out_dir, train_only_data=list(train_only_data),
-                          withhold_labels=tuple(withhold), views=views, epochs=epochs, batch_size=batch_size, lr=lr,
+                          withhold_labels=tuple(withhold), views=views, image_size=image_size, epochs=epochs,
+                          batch_size=batch_size, lr=lr,
                           prompt_weight=prompt_weight, sampling=sampling, lowres_prob=lowres_prob, seed=seed,
                           cache_dir=cache_dir, resume=resume,
                           command="vlm-xray pretrain-stage2 " + " ".join(shlex.quote(a) for a in args))

@@ -55,6 +55,7 @@ class PretrainConfig:
     withheld_mode: str = "drop"
     val_fraction: float = 0.15
     loss: str = "multipos"
+    init_from: str | None = None  # a model (folder or name) with the same image tower: its weights start the run
     prompt_weight: float = 1.0
     train_text_proj: bool = False
     text_lora: bool = False
@@ -116,6 +117,7 @@ class PretrainConfig:
             "train_text_proj": self.train_text_proj, "text_lora": self.text_lora,
             "aug_strength": self.aug_strength, "max_steps_per_epoch": self.max_steps_per_epoch,
             "max_rows_per_csv": self.max_rows_per_csv, "max_minutes": self.max_minutes,
+            **({"init_from": self.init_from} if self.init_from else {}),  # absent: older saved runs still resume
         }
 
     def check_resume(self, saved_run_config: dict, where: str = "train_state.pt") -> None:

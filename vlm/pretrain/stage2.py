@@ -4,7 +4,7 @@
 by layer-scale gammas near 1e-6, so LoRA on them barely moves the output. This stage takes such a
 model folder, wraps its image tower as `edgenext_xx_small_attn2` (`vlm.models.towers.ConvBodyAttn`:
 the trained body, then two standard transformer blocks with fused `attn.qkv` over the 4x4
-feature-map tokens), **freezes the body** and trains the blocks, a token norm, the image
+feature-map tokens at 128 px; 6x6 at `--image-size 192`), **freezes the body** and trains the blocks, a token norm, the image
 projection and the logit scale with the same label-aware multi-positive contrastive loss
 (optionally + the per-label prompt loss), against the same locked MiniLM text tower.
 
@@ -56,6 +56,7 @@ class Stage2Config:
     train_only_data: list = field(default_factory=list)
     withhold_labels: tuple = ()
     views: int = 3
+    image_size: int | None = None  # None: the base's; larger gives the blocks more tokens (size / 32 a side)
     epochs: int = 40
     batch_size: int = 256
     lr: float = 1e-3
@@ -75,6 +76,8 @@ class Stage2Config:
         self.withhold_labels = tuple(sorted(set(self.withhold_labels)))
         if self.views < 1 or self.epochs < 1 or self.batch_size < 2:
             raise ValueError("views and epochs must be >= 1, batch_size >= 2")
+        if self.image_size is not None and (self.image_size < 64 or self.image_size % 32):
+            raise ValueError(f"image_size must be a multiple of 32 and >= 64 (got {self.image_size})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -157,12 +160,13 @@ def body_maps(model, px: torch.Tensor, views: int, flips: torch.Tensor, gen: tor
     return out
 
 
-def cached_maps(cache_dir, base_dir: Path, rows, views: int, lowres_prob: float, seed: int, compute) -> torch.Tensor:
-    """Body maps from `cache_dir` when the same base weights, rows and view settings were computed."""
+def cached_maps(cache_dir, base_dir: Path, rows, views: int, lowres_prob: float, seed: int, size: int,
+                compute) -> torch.Tensor:
+    """Body maps from `cache_dir` when the same base weights, rows, size and view settings were computed."""
     if not cache_dir:
         return compute()
     h = hashlib.sha256((base_dir / WEIGHTS_FILE).read_bytes())
-    h.update(("\n".join(r.path for r in rows) + f"|{views}|{lowres_prob}|{seed}|views-gen").encode())
+    h.update(("\n".join(r.path for r in rows) + f"|{views}|{lowres_prob}|{seed}|views-gen|{size}px").encode())
     path = Path(cache_dir) / f"stage2_maps_{h.hexdigest()[:16]}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
@@ -225,6 +229,9 @@ def prepare(config: Stage2Config) -> Stage2Run:
     gen = torch.Generator().manual_seed(config.seed)
     base_dir = Path(load_model(config.base).source)
     model, model_cfg, pre = build_from_base(base_dir)
+    if config.image_size:  # the body is convolutional: a larger input only makes its map (and the tokens) larger
+        pre = {**pre, "size": config.image_size}
+        model_cfg["vision_cfg"]["image_size"] = config.image_size
     rows_all, label_sets, data_info = load_training_rows(config.data, config.seed)
     withheld = frozenset(config.withhold_labels)
     check_withheld(withheld, label_sets)
@@ -249,7 +256,7 @@ def prepare(config: Stage2Config) -> Stage2Run:
     # the views' augmentation has its own generator: a cached run draws the same training steps
     views_gen = torch.Generator().manual_seed(config.seed + 1)
     run.train_maps = cached_maps(config.cache_dir, base_dir, train_rows, config.views, config.lowres_prob,
-                                 config.seed, lambda: body_maps(model, preload_images(
+                                 config.seed, size, lambda: body_maps(model, preload_images(
                                      [r.path for r in train_rows], size, config.cache_dir), config.views, flips,
                                      views_gen, config.lowres_prob))
     run.val_maps = body_maps(model, preload_images([r.path for r in val_rows], size, config.cache_dir), 1,

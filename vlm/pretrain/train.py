@@ -70,6 +70,8 @@ def prepare_run(config: PretrainConfig) -> tuple[TrainingRun, dict]:
     if not train_rows:
         raise ValueError("no training rows left")
     model, model_cfg = build_model(config)
+    if config.init_from:
+        init_image_tower(model, config.init_from, config.image_tower)
     lora_targets = lora_target_linears(model)
     device = torch.device(config.device)
     model.to(device)
@@ -97,6 +99,27 @@ def prepare_run(config: PretrainConfig) -> tuple[TrainingRun, dict]:
             "n_caption_texts": offset, "n_prompt_texts": len(prompt_texts),
             "t_text": t_text, "t_load": time.time() - t0}
     return run, info
+
+
+def init_image_tower(model, source: str, image_tower: str) -> None:
+    """Start from a trained model's image tower and logit scale (e.g. a 128 px model fine-tuned at
+    160 px: progressive resizing). The text side stays the locked MiniLM of `build_model`."""
+    from safetensors.torch import load_file
+
+    from ..models import load_model
+
+    folder = Path(load_model(source).source)
+    theirs = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"].get("timm_model_name")
+    if theirs != image_tower:
+        raise ValueError(f"--init-from {folder}: its image tower is {theirs}, not {image_tower}; "
+                         f"give --image-tower {theirs} or another model")
+    sd = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
+          if k.startswith("visual.") or k == "logit_scale"}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k.startswith("visual.")]
+    if missing or unexpected:
+        raise ValueError(f"--init-from {folder}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    logger.info("image tower initialised from %s", folder)
 
 
 def _prompt_targets(label_sets, train_rows, withheld) -> dict:
