@@ -110,7 +110,8 @@ def test_init_from_starts_the_image_tower_from_a_trained_model_at_another_size(t
     pretrain([(str(csv_path), None)], tmp_path / "small", image_size=32, **kw)
     m = pretrain([(str(csv_path), None)], tmp_path / "big", image_size=48, lr=0.0,
                  init_from=str(tmp_path / "small"), **kw)
-    assert m["config"]["init_from"] == str(tmp_path / "small")
+    assert m["config"]["init_from"] == str(tmp_path / "small") and m["init_from_name"] == "small"
+    assert "started from the image tower of `small` (trained at 32 px)" in (tmp_path / "big" / "README.md").read_text()
     a = load_file(str(tmp_path / "small" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "big" / "open_clip_model.safetensors"))
     vis = [k for k in a if k.startswith("visual.")]

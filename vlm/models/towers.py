@@ -175,7 +175,8 @@ class ConvBodyAttn(nn.Module):
 
 @register_model
 def edgenext_xx_small_attn2(pretrained: bool = False, **kwargs) -> ConvBodyAttn:
-    """edgenext_xx_small body (1.2 M) + 2 transformer blocks x 168 wide, 4 heads (+0.47 M); 4x4 tokens at 128 px."""
+    """edgenext_xx_small body (1.2 M) + 2 transformer blocks x 168 wide, 4 heads (+0.47 M); size/32 tokens a
+    side (4x4 at 128 px, 6x6 at 192 px)."""
     if pretrained:
         raise ValueError("edgenext_xx_small_attn2 has no pretrained weights; see vlm.pretrain_stage2")
     kwargs.pop("pretrained_cfg", None)

@@ -50,7 +50,14 @@ def model_card(m: dict, label_sets: dict[str, LabelSet], config: PretrainConfig)
     command, shortened = display_command(m.get("command"), config)
     return render("model_card.md.j2", name=m["name"], m={**m, "data": data}, c=c, text_projection=text_projection,
                   loss_text=LOSS_TEXT[c["loss"]], train_counts=train_counts, ci_text=ci_text,
-                  n_boot=m.get("card_bootstrap", 0), command=command, command_shortened=shortened)
+                  n_boot=m.get("card_bootstrap", 0), command=command, command_shortened=shortened, init=_init_info(m))
+
+
+def _init_info(m: dict) -> dict:
+    """The model a stage-1 run started from (`--init-from`), as its metrics record it (empty: random init)."""
+    cmd = m.get("init_from_command")
+    return {"name": m.get("init_from_name"), "size": m.get("init_from_image_size"),
+            "command": _portable(cmd) if cmd else ""}
 
 
 def _portable(cmd: str | None) -> str:
@@ -60,7 +67,8 @@ def _portable(cmd: str | None) -> str:
     if not cmd:
         return "(Python API)"
     cmd = re.sub(r"\S*/shared/data/", "../shared/data/", cmd)
-    cmd = re.sub(r"--base \S*/([^/\s]+)", r"--base V1/\1", cmd)  # the stage-1 folder, wherever it was
+    cmd = re.sub(r"--base \S*/([^/\s]+)", r"--base S1/\1", cmd)  # the stage-1 folder, wherever it was
+    cmd = re.sub(r"--init-from \S*/([^/\s]+)", r"--init-from V1/\1", cmd)  # the model stage 1 started from
     return re.sub(r"(--out|--cache-dir) (\S*/)?([^/\s]+)", r"\1 \3", cmd)
 
 
@@ -94,12 +102,15 @@ def stage2_card(folder: Path, m: dict) -> str:
         ci = (v.get("auc_ci") or {}).get(key)
         return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "n/a"
 
+    size = cfg["preprocess_cfg"]["size"]
     text = render("model_card_stage2.md.j2", name=folder.resolve().name, m={**m, "data": data}, c=m["config"],
-                  size=cfg["preprocess_cfg"]["size"], ci_text=ci_text, ev=ev, calibrations=_calibrations(folder),
+                  size=size, ci_text=ci_text, ev=ev, calibrations=_calibrations(folder),
                   has_ood=(folder / "ood-stats.safetensors").is_file(),
                   text_label_sets=_shipped_text_label_sets(folder),
                   attn_targets=[t for t in m["lora_target_linears"] if ".attn." in t],
-                  command=_portable(m.get("command")), base_command=_portable(m.get("base_command")))
+                  command=_portable(m.get("command")), base_command=_portable(m.get("base_command")),
+                  init=_init_info(m), base_size=(m.get("base_config") or {}).get("image_size") or size,
+                  grid=int(size) // 32)
     atomic_write_text(folder / "README.md", text)
     return text
 

@@ -382,7 +382,9 @@ def finish(run: Stage2Run, out: Path, seconds: float) -> dict:
     base = json.loads(base_metrics.read_text()) if base_metrics.is_file() else {}
     metrics = {"name": out.resolve().name, "stage": 2, "tower": TOWER, "config": run.config.run_config(),
                "command": run.config.command, "base_name": base.get("name") or run.base_dir.name,
-               "base_command": base.get("command"), "base_val_mean_auc": {k: v.get("mean_auc") for k, v in
+               "base_command": base.get("command"), "base_config": base.get("config") or {},
+               **{k: base[k] for k in ("init_from_name", "init_from_command", "init_from_image_size") if k in base},
+               "base_val_mean_auc": {k: v.get("mean_auc") for k, v in
                                                                           (base.get("val") or {}).items()},
                "data": run.data_info, "n_train": len(run.train_rows), "n_val": len(run.val_rows),
                "n_train_dropped_withheld": run.n_dropped, "best_epoch": run.best_epoch, "val": final,

@@ -122,6 +122,18 @@ def init_image_tower(model, source: str, image_tower: str) -> None:
     logger.info("image tower initialised from %s", folder)
 
 
+def _init_record(init_from: str | None) -> dict:
+    """How the model a run started from was made (its name and command), for the card."""
+    if not init_from:
+        return {}
+    from ..models import load_model
+
+    mj = Path(load_model(init_from).source) / "metrics.json"
+    theirs = json.loads(mj.read_text()) if mj.is_file() else {}
+    return {"init_from_name": theirs.get("name") or Path(init_from).name, "init_from_command": theirs.get("command"),
+            "init_from_image_size": (theirs.get("config") or {}).get("image_size")}
+
+
 def _prompt_targets(label_sets, train_rows, withheld) -> dict:
     """Per label set: (labels the prompt loss trains, (N, L) float targets of every training row).
     Multi-class targets are multi-hot: a group label ("benign keratosis") is any of its members."""
@@ -231,6 +243,7 @@ def finish(run: TrainingRun, out: Path, info: dict) -> dict:
     epochs_hist = [h for h in run.history if "epoch" in h]
     metrics = {
         "config": cfg.run_config(), "name": out.resolve().name, "command": cfg.command, "data": info["data_info"],
+        **_init_record(cfg.init_from),
         "n_train": len(run.train_rows), "n_val": len(run.val_rows), "n_train_dropped_withheld": info["n_dropped"],
         "train_counts": _label_counts(run.train_rows, run.set_names),
         "val_counts": _label_counts(run.val_rows, run.set_names),
