@@ -70,8 +70,9 @@ def prepare_run(config: PretrainConfig) -> tuple[TrainingRun, dict]:
     if not train_rows:
         raise ValueError("no training rows left")
     model, model_cfg = build_model(config)
+    init_record = {}
     if config.init_from:
-        init_image_tower(model, config.init_from, config.image_tower)
+        init_record = init_image_tower(model, config.init_from, config.image_tower)
     lora_targets = lora_target_linears(model)
     device = torch.device(config.device)
     model.to(device)
@@ -95,20 +96,22 @@ def prepare_run(config: PretrainConfig) -> tuple[TrainingRun, dict]:
         flips=torch.tensor([allows_flips(label_sets[r.label_set]) for r in train_rows]),
         train_px=train_px, val_px=val_px, device=device, mean=OPENAI_MEAN, std=OPENAI_STD, withheld=withheld)
     _optimiser(run)
-    info = {"model_cfg": model_cfg, "data_info": data_info, "n_dropped": n_dropped, "lora_targets": lora_targets,
+    info = {"init_record": init_record, "model_cfg": model_cfg,
+            "data_info": data_info, "n_dropped": n_dropped, "lora_targets": lora_targets,
             "n_caption_texts": offset, "n_prompt_texts": len(prompt_texts),
             "t_text": t_text, "t_load": time.time() - t0}
     return run, info
 
 
-def init_image_tower(model, source: str, image_tower: str) -> None:
+def init_image_tower(model, source: str, image_tower: str) -> dict:
     """Start from a trained model's image tower and logit scale (e.g. a 128 px model fine-tuned at
-    160 px: progressive resizing). The text side stays the locked MiniLM of `build_model`."""
+    192 px: progressive resizing). The text side stays the locked MiniLM of `build_model`. Returns how
+    that model was made (its name, command and size, from its metrics.json), for the card."""
     from safetensors.torch import load_file
 
     from ..models import load_model
 
-    folder = Path(load_model(source).source)
+    folder = Path(load_model(source, defer_text=True).source)
     theirs = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"].get("timm_model_name")
     if theirs != image_tower:
         raise ValueError(f"--init-from {folder}: its image tower is {theirs}, not {image_tower}; "
@@ -120,18 +123,10 @@ def init_image_tower(model, source: str, image_tower: str) -> None:
     if missing or unexpected:
         raise ValueError(f"--init-from {folder}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     logger.info("image tower initialised from %s", folder)
-
-
-def _init_record(init_from: str | None) -> dict:
-    """How the model a run started from was made (its name and command), for the card."""
-    if not init_from:
-        return {}
-    from ..models import load_model
-
-    mj = Path(load_model(init_from).source) / "metrics.json"
-    theirs = json.loads(mj.read_text()) if mj.is_file() else {}
-    return {"init_from_name": theirs.get("name") or Path(init_from).name, "init_from_command": theirs.get("command"),
-            "init_from_image_size": (theirs.get("config") or {}).get("image_size")}
+    mj = folder / "metrics.json"
+    made = json.loads(mj.read_text()) if mj.is_file() else {}
+    return {"init_from_name": made.get("name") or folder.name, "init_from_command": made.get("command"),
+            "init_from_image_size": (made.get("config") or {}).get("image_size")}
 
 
 def _prompt_targets(label_sets, train_rows, withheld) -> dict:
@@ -243,7 +238,7 @@ def finish(run: TrainingRun, out: Path, info: dict) -> dict:
     epochs_hist = [h for h in run.history if "epoch" in h]
     metrics = {
         "config": cfg.run_config(), "name": out.resolve().name, "command": cfg.command, "data": info["data_info"],
-        **_init_record(cfg.init_from),
+        **info["init_record"],
         "n_train": len(run.train_rows), "n_val": len(run.val_rows), "n_train_dropped_withheld": info["n_dropped"],
         "train_counts": _label_counts(run.train_rows, run.set_names),
         "val_counts": _label_counts(run.val_rows, run.set_names),
