@@ -104,11 +104,10 @@ def prepare_run(config: PretrainConfig) -> tuple[TrainingRun, dict]:
 
 
 def init_image_tower(model, source: str, image_tower: str) -> dict:
-    """Start from a trained model's image tower and logit scale (e.g. a 128 px model fine-tuned at
-    192 px: progressive resizing). The text side stays the locked MiniLM of `build_model`. Returns how
-    that model was made (its name, command and size, from its metrics.json), for the card."""
-    from safetensors.torch import load_file
-
+    """Start from a trained model's weights file (image tower, text projection, logit scale: the joint
+    space they were trained in), e.g. a 128 px model fine-tuned at 192 px (progressive resizing). The
+    text transformer stays the locked MiniLM of `build_model`. Returns how that model was made (its
+    name, command and size, from its metrics.json), for the card."""
     from ..models import load_model
 
     folder = Path(load_model(source, defer_text=True).source)
@@ -116,12 +115,7 @@ def init_image_tower(model, source: str, image_tower: str) -> dict:
     if theirs != image_tower:
         raise ValueError(f"--init-from {folder}: its image tower is {theirs}, not {image_tower}; "
                          f"give --image-tower {theirs} or another model")
-    sd = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()
-          if k.startswith("visual.") or k == "logit_scale"}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k.startswith("visual.")]
-    if missing or unexpected:
-        raise ValueError(f"--init-from {folder}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights(model, folder / WEIGHTS_FILE)
     logger.info("image tower initialised from %s", folder)
     mj = folder / "metrics.json"
     made = json.loads(mj.read_text()) if mj.is_file() else {}
